@@ -1,0 +1,44 @@
+"""The paper's hyperparameters (REFERENCE.md). Dataset configs start here and change what differs."""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.job = 'zero_shot'          # zero_shot | teacher
+    config.seed = 0                   # parameter init and z stream
+    config.dataset = 'svhn'           # evaluation data (digits | svhn | cifar10 | cifar100)
+    config.data_dir = ''              # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets)
+
+    config.teacher = ml_collections.ConfigDict()
+    config.teacher.arch = 'WRN-40-2'  # WRN-depth-width
+    config.teacher.base_width = 16    # channels of the stem; the paper's WRNs use 16
+    config.teacher.checkpoint = ''    # teacher directory; '' = runs/teacher_{dataset}_{arch}/teacher
+    config.teacher.recipe = ''        # a teacher config file run first when the teacher is missing
+
+    config.student = ml_collections.ConfigDict()
+    config.student.arch = 'WRN-16-1'
+    config.student.base_width = 16
+
+    config.generator = ml_collections.ConfigDict()
+    config.generator.z_dim = 100      # z ~ N(0, I)
+    config.generator.hidden = 128     # channels after the Dense layer (64 after the second conv)
+
+    config.num_iterations = 50_000    # N (SVHN 50k, CIFAR-10 80k)
+    config.batch_size = 128           # global batch, split over all devices
+    config.n_g = 1                    # generator updates per iteration
+    config.n_s = 10                   # student updates per iteration, same z
+    config.generator_lr = 1e-3        # released scripts (the paper's text says 2e-3)
+    config.student_lr = 2e-3
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.adam_eps = 1e-8
+    config.grad_clip = 5.0            # global L2 norm, both networks
+    config.beta = 250.0               # attention-transfer weight (student loss only)
+
+    config.eval_every = 500           # iterations between evaluations (N / 100); also at the end
+    config.eval_batch_size = 500
+    config.log_every = 50             # iterations between progress lines and scalar summaries
+    config.checkpoint_every = 1000    # iterations between checkpoints
+    config.keep_checkpoints = 3       # most recent checkpoints kept
+    config.compute_dtype = 'float32'  # activations dtype: float32 | bfloat16
+    return config

@@ -1,0 +1,16 @@
+"""Teacher for the offline digits demo: the paper's SGD recipe, scaled to a CPU budget."""
+from configs import teacher_default
+
+
+def get_config():
+    config = teacher_default.get_config()
+    config.dataset = 'digits'
+    config.teacher.arch = 'WRN-16-1'
+    config.teacher.base_width = 8     # channels 8/8/16/32: a few minutes on a 2-core CPU
+    config.epochs = 30
+    config.batch_size = 64
+    config.learning_rate = 0.05
+    config.augment = 'crop'           # no flips: digits are not mirror-symmetric
+    config.log_every = 5
+    config.checkpoint_every = 5
+    return config

@@ -1,0 +1,1 @@
+"""zskt_jax: Zero-shot Knowledge Transfer via Adversarial Belief Matching, in JAX/Flax."""

@@ -1,0 +1,125 @@
+"""Orbax checkpoints: teachers (written once, loaded by every distillation) and resumable runs.
+
+A teacher directory holds ``variables/`` (an Orbax checkpoint of {'params', 'batch_stats'}) and
+``teacher.json`` (architecture, classes, dataset, accuracy). Run checkpoints live under
+``{workdir}/checkpoints/{iteration}/`` with the train states and a JSON record of what produced
+them; the teacher is never copied into them.
+"""
+import hashlib
+import json
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class TeacherNotFoundError(FileNotFoundError):
+    pass
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def variables_checksum(variables) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes: identifies a teacher exactly."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        array = np.asarray(jax.device_get(leaf))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(f'{array.dtype}{array.shape}'.encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def save_teacher(path: str, variables: Dict[str, Any], meta: Dict[str, Any]) -> None:
+    """Write a teacher: its variables and a description the distillation job validates."""
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(path, 'variables'), jax.device_get(variables), force=True)
+    checkpointer.wait_until_finished()
+    meta = dict(meta, checksum=variables_checksum(variables))
+    if jax.process_index() == 0:
+        with open(os.path.join(path, 'teacher.json.tmp'), 'w') as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        os.replace(os.path.join(path, 'teacher.json.tmp'), os.path.join(path, 'teacher.json'))
+
+
+def load_teacher(path: str, make_hint: str = ''):
+    """(variables, meta) of the teacher at ``path``; a clear error if there is none."""
+    path = os.path.abspath(path)
+    meta_path = os.path.join(path, 'teacher.json')
+    if not os.path.exists(meta_path) or not os.path.isdir(os.path.join(path, 'variables')):
+        raise TeacherNotFoundError(
+            f'No teacher checkpoint at {path} (expected {meta_path} and variables/).'
+            + (f' Make one with:\n  {make_hint}' if make_hint else ''))
+    with open(meta_path) as f:
+        meta = json.load(f)
+    variables = ocp.StandardCheckpointer().restore(os.path.join(path, 'variables'))
+    return variables, meta
+
+
+def check_teacher(meta: Dict[str, Any], *, num_classes: int, image_shape, teacher_arch: str,
+                  teacher_base_width: int, path: str) -> None:
+    """The teacher must classify the evaluation dataset's classes at its image size, and be the
+    architecture the config names."""
+    problems = []
+    if meta.get('num_classes') != num_classes:
+        problems.append(f"it has {meta.get('num_classes')} classes but the dataset has {num_classes}")
+    if tuple(meta.get('image_shape', ())) != tuple(image_shape):
+        problems.append(f"it takes images of shape {tuple(meta.get('image_shape', ()))} but the "
+                        f'dataset has {tuple(image_shape)}')
+    if meta.get('arch') != teacher_arch or meta.get('base_width', 16) != teacher_base_width:
+        problems.append(f"it is {meta.get('arch')} (base width {meta.get('base_width', 16)}) but "
+                        f'config.teacher says {teacher_arch} (base width {teacher_base_width})')
+    if problems:
+        raise CheckpointMismatchError(f'Teacher at {path} does not fit this run: '
+                                      + '; '.join(problems) + '.')
+
+
+class RunCheckpoints:
+    """Periodic, asynchronous, atomically finalised checkpoints of a run's train states."""
+
+    def __init__(self, directory: str, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], force=False) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore_meta(self, step: int) -> Dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore(self, step: int, target: Dict[str, Any]) -> Dict[str, Any]:
+        """Restore onto the shardings and shapes of ``target`` (any mesh)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract))).state
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+def compare_configs(saved: Dict[str, Any], current: Dict[str, Any], fields) -> list:
+    """The dotted fields whose values differ between a checkpoint's config and this run's."""
+    def get(d, dotted):
+        for part in dotted.split('.'):
+            if not isinstance(d, dict) or part not in d:
+                return '<absent>'
+            d = d[part]
+        return d
+    return [f'{f}: checkpoint {get(saved, f)!r}, now {get(current, f)!r}'
+            for f in fields if get(saved, f) != get(current, f)]

@@ -1,0 +1,203 @@
+"""Datasets: what each one is, whole TFDS splits in memory, normalisation, host sharding.
+
+Every dataset, paper or demo, goes through TFDS (DESIGN.md). Splits are small enough (at most
+73,257 images of 32x32x3 uint8, 225 MB) to hold in host memory, which keeps evaluation a plain
+loop over a NumPy array and its order reproducible.
+"""
+import dataclasses
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+
+from zskt_jax import datasets as _own_builders  # noqa: F401  (registers 'digits' with TFDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What the rest of the project needs to know about one dataset.
+
+    mean and std are per channel, of the training images scaled to [0, 1].
+    """
+
+    name: str  # Our name, the key in DATASETS.
+    tfds_name: str  # The TFDS builder.
+    num_classes: int
+    image_shape: tuple[int, int, int]  # [H, W, C] of one stored uint8 image.
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        # Computed once from the 'train' split of zskt_jax/datasets/digits.py (grey, so the
+        # channels are equal); tests/test_data.py checks them against the data.
+        DatasetSpec(
+            name="digits",
+            tfds_name="digits",
+            num_classes=10,
+            image_shape=(32, 32, 3),
+            mean=(0.3054, 0.3054, 0.3054),
+            std=(0.3760, 0.3760, 0.3760),
+        ),
+        # REFERENCE.md, Evaluation. SVHN's 'extra' split is not used.
+        DatasetSpec(
+            name="svhn",
+            tfds_name="svhn_cropped",
+            num_classes=10,
+            image_shape=(32, 32, 3),
+            mean=(0.4377, 0.4438, 0.4728),
+            std=(0.1980, 0.2010, 0.1970),
+        ),
+        # REFERENCE.md, Evaluation.
+        DatasetSpec(
+            name="cifar10",
+            tfds_name="cifar10",
+            num_classes=10,
+            image_shape=(32, 32, 3),
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2023, 0.1994, 0.2010),
+        ),
+        DatasetSpec(
+            name="cifar100",
+            tfds_name="cifar100",
+            num_classes=100,
+            image_shape=(32, 32, 3),
+            mean=(0.5071, 0.4865, 0.4409),
+            std=(0.2673, 0.2564, 0.2762),
+        ),
+    )
+}
+
+# Datasets whose TFDS builder prepares them without a network.
+_OFFLINE_DATASETS = frozenset({"digits"})
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A dataset that TFDS must download is not prepared in the data directory."""
+
+
+def dataset_info(name: str) -> DatasetSpec:
+    """The DatasetSpec of `name`; ValueError listing the known names if there is none."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}."
+        ) from None
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    # TFDS reads through TensorFlow. A GPU build of TensorFlow would reserve most of the
+    # accelerator memory that JAX needs; the input pipeline only ever needs the CPU.
+    try:
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    except (ImportError, RuntimeError):
+        pass  # RuntimeError: TensorFlow's devices are already initialised; leave them.
+
+
+def _not_prepared_error(spec: DatasetSpec, data_dir_root: str) -> DatasetNotPreparedError:
+    command = (
+        'python -c "import tensorflow_datasets as tfds; '
+        f"tfds.builder('{spec.tfds_name}', data_dir='{data_dir_root}').download_and_prepare()\""
+    )
+    return DatasetNotPreparedError(
+        f"Dataset {spec.name!r} (TFDS '{spec.tfds_name}') is not prepared in data_dir "
+        f"{data_dir_root!r}, and preparing it needs a download (this machine may have no "
+        "internet). Prepare it with TFDS on a machine with internet:\n"
+        f"  {command}\n"
+        f"then copy the folder {os.path.join(data_dir_root, spec.tfds_name)} into this "
+        "machine's data_dir, or pass the data_dir where it already is."
+    )
+
+
+def load_split(
+    name: str, split: str, data_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split in memory, in the split's stored order.
+
+    Args:
+        name: a key of DATASETS ('digits', 'svhn', 'cifar10', 'cifar100').
+        split: a TFDS split of it, normally spec.train_split or spec.test_split (TFDS slicing
+            such as 'train[:1000]' works too).
+        data_dir: the TFDS data directory; None means TFDS's default ($TFDS_DATA_DIR or
+            ~/tensorflow_datasets). 'digits' is prepared there on first use, offline.
+
+    Returns:
+        images [N, 32, 32, 3] uint8 and labels [N] int32.
+
+    Raises:
+        ValueError: unknown dataset or split.
+        DatasetNotPreparedError: a dataset other than 'digits' is not prepared in data_dir.
+    """
+    spec = dataset_info(name)
+    builder = tfds.builder(
+        spec.tfds_name, data_dir=None if data_dir is None else os.fspath(data_dir)
+    )
+    if not builder.is_prepared():
+        if spec.name not in _OFFLINE_DATASETS:
+            raise _not_prepared_error(spec, os.fspath(builder.data_dir_root))
+        builder.download_and_prepare()
+
+    known_splits = sorted(builder.info.splits.keys())
+    if split.isidentifier() and split not in known_splits:
+        raise ValueError(
+            f"Dataset {spec.name!r} has no split {split!r}; its splits: "
+            f"{', '.join(known_splits)}."
+        )
+
+    _hide_gpus_from_tensorflow()
+    dataset = builder.as_dataset(
+        split=split,
+        batch_size=-1,  # The whole split as one batch.
+        shuffle_files=False,
+        # TFDS interleaves 16 files at a time by default; 1 reads the shards one after the
+        # other, i.e. the stored order, whatever the number of shards.
+        read_config=tfds.ReadConfig(interleave_cycle_length=1),
+    )
+    examples = tfds.as_numpy(dataset)
+    images = np.asarray(examples["image"], dtype=np.uint8)
+    labels = np.asarray(examples["label"], dtype=np.int32)
+    if images.shape[1:] != spec.image_shape:
+        raise ValueError(
+            f"Dataset {spec.name!r} split {split!r}: images of shape {images.shape[1:]}, "
+            f"expected {spec.image_shape}."
+        )
+    return images, labels
+
+
+def normalize(images, name: str) -> jnp.ndarray:
+    """uint8 images [..., 32, 32, 3] -> float32 (x / 255 - mean) / std, per channel.
+
+    jnp, so that it runs inside jit on the accelerator and images travel there as uint8 (4x
+    less to transfer); `name` must be a static Python string.
+    """
+    spec = dataset_info(name)
+    mean = jnp.asarray(spec.mean, dtype=jnp.float32)
+    std = jnp.asarray(spec.std, dtype=jnp.float32)
+    return (jnp.asarray(images, dtype=jnp.float32) / 255.0 - mean) / std
+
+
+def shard_indices(num_examples: int, process_index: int, process_count: int) -> slice:
+    """The contiguous slice of example indices that host `process_index` evaluates.
+
+    Shares are nearly equal (the first num_examples % process_count hosts get one more) and
+    together cover every example exactly once with no padding, so the hosts' summed correct
+    counts divided by num_examples is the exact test accuracy.
+    """
+    if process_count < 1:
+        raise ValueError(f"process_count must be >= 1, got {process_count}.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}.")
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}.")
+    base, remainder = divmod(num_examples, process_count)
+    start = process_index * base + min(process_index, remainder)
+    stop = start + base + (1 if process_index < remainder else 0)
+    return slice(start, stop)

@@ -1,0 +1,77 @@
+"""Losses of ZSKT and of the KD+AT baseline, with the authors' exact scaling (REFERENCE.md, "Losses").
+
+All functions take per-device arrays and return means over the local batch; the step averages
+them across devices with ``pmean``.
+"""
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def kl_divergence(teacher_logits, student_logits, temperature: float = 1.0):
+    """KL(T || S) averaged over batch * classes, as the released code does (no tau^2 factor).
+
+    = mean_{b,c} t_bc (log t_bc - log s_bc): the per-sample KL divided by the number of classes.
+    Both the generator (negated) and the student use exactly this quantity.
+    """
+    log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return jnp.mean(jnp.exp(log_t) * (log_t - log_s))
+
+
+def attention_map(activation, eps: float = 1e-12):
+    """[B, H, W, C] -> [B, H*W]: square, MEAN over channels, flatten, L2-normalise per sample.
+
+    The paper writes a sum of squares; the code (which produced the numbers) uses the mean. The
+    normalisation is torch's F.normalize: x / max(||x||_2, eps).
+    """
+    a = jnp.mean(jnp.square(activation.astype(jnp.float32)), axis=-1)
+    a = a.reshape(a.shape[0], -1)
+    norm = jnp.sqrt(jnp.sum(jnp.square(a), axis=-1, keepdims=True))
+    return a / jnp.maximum(norm, eps)
+
+
+def attention_transfer(student_activations: Sequence, teacher_activations: Sequence):
+    """Sum over groups of mean_{B, H*W} (map_s - map_t)^2 (the code's form; the paper's text uses
+    the norm of the difference). Groups must have equal spatial sizes."""
+    total = 0.0
+    for s, t in zip(student_activations, teacher_activations, strict=True):
+        if s.shape[1:3] != t.shape[1:3]:
+            raise ValueError(f'attention transfer needs equal spatial sizes; student group is '
+                             f'{s.shape[1:3]}, teacher group is {t.shape[1:3]}')
+        total = total + jnp.mean(jnp.square(attention_map(s) - attention_map(t)))
+    return total
+
+
+def generator_loss(teacher_logits, student_logits):
+    """The generator maximises KL(T || S): loss_G = -KL. No attention term (REFERENCE.md)."""
+    return -kl_divergence(teacher_logits, student_logits)
+
+
+def student_loss(teacher_logits, student_logits, teacher_activations, student_activations,
+                 beta: float):
+    """loss_S = KL(T || S) + beta * AT; returns (loss, kl, at)."""
+    kl = kl_divergence(teacher_logits, student_logits)
+    at = attention_transfer(student_activations, teacher_activations) if beta > 0 else jnp.zeros(())
+    return kl + beta * at, kl, at
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy with integer labels."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
+
+
+def kd_at_loss(student_logits, teacher_logits, labels, student_activations, teacher_activations,
+               alpha: float, temperature: float, beta: float):
+    """Few-shot KD+AT baseline: (1 - alpha) CE + 2 alpha tau^2 KL_mean + beta AT (REFERENCE.md).
+
+    KL_mean is the same batch*classes mean as above, at temperature tau; the factor 2 is the
+    released code's. Returns (loss, ce, kl, at).
+    """
+    ce = cross_entropy(student_logits, labels)
+    kl = kl_divergence(teacher_logits, student_logits, temperature)
+    at = attention_transfer(student_activations, teacher_activations) if beta > 0 else jnp.zeros(())
+    loss = (1 - alpha) * ce + 2 * alpha * temperature ** 2 * kl + beta * at
+    return loss, ce, kl, at

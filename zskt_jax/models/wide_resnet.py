@@ -1,0 +1,103 @@
+"""WideResNet WRN-depth-k (Zagoruyko & Komodakis) exactly as the ZSKT authors' code builds it.
+
+NHWC. Returns the logits and the raw outputs of the three groups (before the head's BN/ReLU),
+which attention transfer compares (REFERENCE.md, "WideResNet"). Module names follow the PyTorch
+state-dict keys (``block{g}.layer.{i}.bn1`` -> ``block{g}/layer_{i}/bn1``) so that importing the
+authors' checkpoints is a renaming.
+"""
+import re
+from typing import Any, Optional, Sequence, Tuple
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from zskt_jax.models.layers import BatchNorm
+
+# He init, fan-out: N(0, sqrt(2 / (k * k * out_channels))) (REFERENCE.md, "Init").
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# 3x3 convs pad 1 on every side; 'SAME' pads asymmetrically at stride 2 and does not match torch.
+PAD1 = ((1, 1), (1, 1))
+
+
+def parse_arch(arch: str) -> Tuple[int, int]:
+    """'WRN-40-2' -> (40, 2), with a message a person can act on."""
+    match = re.fullmatch(r'WRN-(\d+)-(\d+)', arch)
+    if not match:
+        raise ValueError(f"architecture {arch!r} is not of the form 'WRN-<depth>-<width>', "
+                         "e.g. 'WRN-40-2'")
+    depth, width = int(match.group(1)), int(match.group(2))
+    if (depth - 4) % 6 != 0 or depth < 10:
+        raise ValueError(f'WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); '
+                         f'{arch!r} has depth {depth}')
+    return depth, width
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation basic block (dropout 0)."""
+    out_channels: int
+    stride: int
+    train: bool
+    axis_name: Optional[str] = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        norm = lambda name: BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,
+                                      dtype=self.dtype, name=name)
+        conv = lambda ch, k, s, pad, name: nn.Conv(ch, (k, k), (s, s), padding=pad, use_bias=False,
+                                                   kernel_init=conv_init, dtype=self.dtype, name=name)
+        equal_in_out = x.shape[-1] == self.out_channels
+        activated = nn.relu(norm('bn1')(x))
+        if not equal_in_out:
+            # The first block of a group: the shortcut sees the ACTIVATED input (REFERENCE.md).
+            x = activated
+        out = conv(self.out_channels, 3, self.stride, PAD1, 'conv1')(activated)
+        out = nn.relu(norm('bn2')(out))
+        out = conv(self.out_channels, 3, 1, PAD1, 'conv2')(out)
+        if equal_in_out:
+            return x + out
+        shortcut = conv(self.out_channels, 1, self.stride, 'VALID', 'convShortcut')(x)
+        return shortcut + out
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width; channels [base, base*k, 2*base*k, 4*base*k] (base 16 in the paper).
+
+    ``base_width`` other than 16 exists only so that CPU demo configs can use thinner networks;
+    every paper config keeps 16.
+    """
+    depth: int
+    width: int
+    num_classes: int
+    base_width: int = 16
+    axis_name: Optional[str] = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        """x: [B, H, W, 3] normalised images -> (logits [B, classes], (g1, g2, g3))."""
+        blocks_per_group = (self.depth - 4) // 6
+        channels = [self.base_width * m for m in (self.width, 2 * self.width, 4 * self.width)]
+        x = x.astype(self.dtype)
+        x = nn.Conv(self.base_width, (3, 3), padding=PAD1, use_bias=False, kernel_init=conv_init,
+                    dtype=self.dtype, name='conv1')(x)
+        group_outputs = []
+        for g, (ch, stride) in enumerate(zip(channels, (1, 2, 2)), start=1):
+            for i in range(blocks_per_group):
+                x = BasicBlock(ch, stride if i == 0 else 1, train, self.axis_name, self.dtype,
+                               name=f'block{g}_layer_{i}')(x)
+            group_outputs.append(x)  # [B, H_g, W_g, C_g], before the head's BN/ReLU
+        x = nn.relu(BatchNorm(use_running_average=not train, axis_name=self.axis_name,
+                              dtype=self.dtype, name='bn1')(x))
+        x = jnp.mean(x, axis=(1, 2))  # global average pool (8x8 at 32x32 inputs)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc',
+                          kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+                          bias_init=nn.initializers.zeros)(x)
+        return logits.astype(jnp.float32), tuple(group_outputs)
+
+
+def build_wide_resnet(arch: str, num_classes: int, base_width: int = 16,
+                      axis_name: Optional[str] = None, dtype: Any = jnp.float32) -> WideResNet:
+    depth, width = parse_arch(arch)
+    return WideResNet(depth=depth, width=width, num_classes=num_classes, base_width=base_width,
+                      axis_name=axis_name, dtype=dtype)

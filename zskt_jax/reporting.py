@@ -1,0 +1,122 @@
+"""What a user watches: progress lines, TensorBoard events, image grids and results.json.
+
+TensorBoard events are written with the ``tensorboard`` package's own writer and protos, so
+reporting needs no TensorFlow. Only process 0 writes anything (``active=False`` elsewhere).
+"""
+import io
+import json
+import logging
+import math
+import os
+import time
+from typing import Dict, Optional
+
+import numpy as np
+
+logger = logging.getLogger('zskt_jax')
+
+
+class MetricWriter:
+    """Scalars and images into TensorBoard event files under ``logdir``."""
+
+    def __init__(self, logdir: str, active: bool = True):
+        self.active = active
+        self._writer = None
+        if active:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            os.makedirs(logdir, exist_ok=True)
+            self._writer = EventFileWriter(logdir)
+
+    def _write(self, step: int, values):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        self._writer.add_event(Event(wall_time=time.time(), step=int(step),
+                                     summary=Summary(value=values)))
+
+    def scalars(self, step: int, scalars: Dict[str, float]):
+        if not self.active:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        self._write(step, [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()])
+
+    def image(self, step: int, tag: str, image: np.ndarray):
+        """image: uint8 [H, W, 3]."""
+        if not self.active:
+            return
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format='PNG')
+        encoded = Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3,
+                                encoded_image_string=buffer.getvalue())
+        self._write(step, [Summary.Value(tag=tag, image=encoded)])
+
+    def flush(self):
+        if self.active:
+            self._writer.flush()
+
+    def close(self):
+        if self.active:
+            self._writer.close()
+
+
+def image_grid(images: np.ndarray, mean, std, columns: int = 8) -> np.ndarray:
+    """Normalised images [N, H, W, C] -> one uint8 grid [rows*H, columns*W, 3], de-normalised
+    with the dataset's mean/std and clipped to [0, 1]."""
+    images = np.clip(np.asarray(images, np.float32) * np.asarray(std) + np.asarray(mean), 0, 1)
+    n, h, w, c = images.shape
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * h, columns * w, c), np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    if c == 1:
+        grid = np.repeat(grid, 3, axis=-1)
+    return (grid * 255).round().astype(np.uint8)
+
+
+class Progress:
+    """Iterations per second (since the last report) and ETA, for one line per report."""
+
+    def __init__(self, start_iteration: int, total: int):
+        self.total = total
+        self._last_iteration = start_iteration
+        self._last_time = time.perf_counter()
+
+    def line(self, iteration: int, metrics: Dict[str, float]) -> str:
+        now = time.perf_counter()
+        done = iteration - self._last_iteration
+        rate = done / max(now - self._last_time, 1e-9)
+        self._last_iteration, self._last_time = iteration, now
+        eta = (self.total - iteration) / rate if rate > 0 else float('inf')
+        shown = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
+        return (f'[{iteration}/{self.total}] {rate:.2f} it/s, ETA {format_seconds(eta)} | {shown}')
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return '?'
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+def write_results(workdir: str, results: Dict, active: bool = True) -> Optional[str]:
+    """Write ``results.json`` atomically (a partial file is never left behind)."""
+    if not active:
+        return None
+    path = os.path.join(workdir, 'results.json')
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(results, f, indent=2, sort_keys=True, default=_jsonable)
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

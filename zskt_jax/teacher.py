@@ -1,0 +1,154 @@
+"""Teacher training from scratch (REFERENCE.md, "Teachers"): SGD with momentum and weight decay,
+lr divided by 5 at 30%, 60% and 80% of the run, optional crop/flip augmentation done on device.
+
+Writes ``{workdir}/teacher`` (variables + teacher.json), the directory the zero-shot job loads.
+"""
+import os
+import time
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from zskt_jax import checkpoints, common, data, losses, parallel, reporting
+from zskt_jax.parallel import DATA_AXIS
+from zskt_jax.state import create_state, sgd
+
+logger = reporting.logger
+
+
+def step_learning_rate(base_lr: float, epoch, total_epochs: int, milestones, decay: float):
+    """lr = base * decay^(number of milestones passed); milestones are fractions of the run."""
+    passed = sum((epoch >= int(round(m * total_epochs))).astype(jnp.int32) for m in milestones)
+    return base_lr * decay ** passed.astype(jnp.float32)
+
+
+def augment(key, images, mode: str):
+    """uint8 [B, H, W, C] -> augmented uint8 batch. 'crop': random 32x32 crop of the image padded
+    by 4 zero pixels (torchvision RandomCrop(32, padding=4)); 'crop_flip': plus horizontal flip."""
+    if mode == 'none':
+        return images
+    if mode not in ('crop', 'crop_flip'):
+        raise ValueError(f"augment = {mode!r}; choose 'none', 'crop' or 'crop_flip'")
+    b, h, w, _ = images.shape
+    crop_key, flip_key = jax.random.split(key)
+    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    offsets = jax.random.randint(crop_key, (b, 2), 0, 9)
+    images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
+        padded, offsets)
+    if mode == 'crop_flip':
+        flip = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
+        images = jnp.where(flip, images[:, :, ::-1], images)
+    return images
+
+
+def make_train_step(model, config, steps_per_epoch: int, mesh):
+    """Compiled SGD step: (state, images uint8, labels, key) -> (state, metrics), data parallel."""
+    def per_device(state, images, labels, key):
+        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        images = augment(key, images, config.augment)
+        x = data.normalize(images, config.dataset)
+        epoch = state.step // steps_per_epoch
+        lr = step_learning_rate(config.learning_rate, epoch, config.epochs, config.lr_milestones,
+                                config.lr_decay)
+
+        def loss_fn(params):
+            (logits, _), updated = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                               x, train=True, mutable=['batch_stats'])
+            loss = jax.lax.pmean(losses.cross_entropy(logits, labels), DATA_AXIS)
+            return loss, (updated['batch_stats'], logits)
+
+        (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state = state.apply_gradients(grads, lr, stats).replace(step=state.step + 1)
+        accuracy = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), DATA_AXIS)
+        return state, {'loss': loss, 'train_accuracy': accuracy, 'learning_rate': lr}
+
+    batch = P(DATA_AXIS)
+    return jax.jit(parallel.data_parallel(per_device, mesh, (P(), batch, batch, P()), (P(), P())))
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+    start_time = time.time()
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    info = data.dataset_info(config.dataset)
+    mesh = parallel.make_mesh()
+    parallel.check_divisible(config.batch_size, mesh)
+
+    train_images, train_labels = common.load_eval_split(config, info.train_split)
+    test_images, test_labels = common.load_eval_split(config)
+    steps_per_epoch = len(train_labels) // config.batch_size  # the last partial batch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(f'config.batch_size = {config.batch_size} exceeds the '
+                         f'{len(train_labels)} training examples of {config.dataset}')
+    model = common.build_network(config.teacher, info.num_classes, config)
+    init_key, data_key = jax.random.split(jax.random.key(config.seed))
+    tx = sgd(config.momentum, config.weight_decay, config.get('nesterov', False))
+    state = create_state(model, init_key, jnp.zeros((2,) + info.image_shape), tx)
+    state = parallel.replicate(state, mesh)
+
+    run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
+                                                 config.keep_checkpoints)
+    start_epoch, config_dict = 0, config.to_dict()
+    latest = run_checkpoints.latest_step()
+    if latest is not None:
+        meta = run_checkpoints.restore_meta(latest)
+        differences = checkpoints.compare_configs(meta['config'], config_dict, (
+            'dataset', 'teacher.arch', 'teacher.base_width', 'epochs', 'batch_size',
+            'learning_rate', 'momentum', 'weight_decay', 'seed', 'augment'))
+        if differences:
+            raise checkpoints.CheckpointMismatchError(
+                f'The checkpoint at {run_checkpoints.directory}/{latest} was written by another '
+                'configuration:\n  ' + '\n  '.join(differences))
+        state = state.replace_from(run_checkpoints.restore(latest, state.state_dict()))
+        start_epoch = latest
+        logger.info('Resumed teacher training at epoch %d', start_epoch)
+
+    train_step = make_train_step(model, config, steps_per_epoch, mesh)
+    evaluator = common.Evaluator(model, config.dataset, test_images, test_labels,
+                                 config.eval_batch_size, mesh)
+    writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'), active=is_main)
+    sharding = parallel.batch_sharded(mesh)
+    progress = reporting.Progress(start_epoch, config.epochs)
+    for epoch in range(start_epoch, config.epochs):
+        epoch_key = jax.random.fold_in(data_key, epoch)
+        order = np.asarray(jax.random.permutation(epoch_key, len(train_labels)))
+        for i in range(steps_per_epoch):
+            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+            state, metrics = train_step(state, jax.device_put(train_images[idx], sharding),
+                                        jax.device_put(train_labels[idx], sharding),
+                                        jax.random.fold_in(epoch_key, i))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(np.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f'teacher training loss became non-finite in epoch {epoch + 1}: '
+                                     f'{metrics}; the last good checkpoint is in '
+                                     f'{run_checkpoints.directory}')
+        done = epoch + 1
+        writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
+        if done % config.log_every == 0 or done == config.epochs:
+            logger.info(progress.line(done, metrics))
+        if done % config.checkpoint_every == 0 or done == config.epochs:
+            run_checkpoints.save(done, state.state_dict(), {'config': config_dict, 'epoch': done})
+    run_checkpoints.wait()
+    run_checkpoints.close()
+
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    accuracy = evaluator(variables)
+    writer.scalars(config.epochs, {'eval/teacher_accuracy': accuracy})
+    writer.close()
+    logger.info('Teacher %s test accuracy on %s: %.2f%%', config.teacher.arch, config.dataset,
+                100 * accuracy)
+    teacher_path = os.path.join(workdir, 'teacher')
+    checkpoints.save_teacher(teacher_path, variables, {
+        'arch': config.teacher.arch, 'base_width': config.teacher.base_width,
+        'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
+        'dataset': config.dataset, 'test_accuracy': accuracy, 'source': 'trained',
+        'epochs': config.epochs})
+    results = {'job': 'teacher', 'teacher_accuracy': accuracy, 'teacher_path':
+               os.path.abspath(teacher_path), 'wall_time_s': time.time() - start_time,
+               'config': config_dict}
+    reporting.write_results(workdir, results, active=is_main)
+    logger.info('Teacher written to %s', teacher_path)
+    return results

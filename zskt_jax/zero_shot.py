@@ -1,0 +1,313 @@
+"""Zero-shot knowledge transfer: the compiled iteration (Algorithm 1) and the training job."""
+import functools
+from typing import Any, Callable, Dict, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from zskt_jax import losses
+from zskt_jax.parallel import DATA_AXIS, data_parallel
+from zskt_jax.state import TrainState, cosine_learning_rate
+
+
+class Models(NamedTuple):
+    """The three networks as built for training (BatchNorms averaging over the ``data`` axis)."""
+    generator: Any
+    student: Any
+    teacher: Any
+
+
+def _pmean(x):
+    return jax.lax.pmean(x, DATA_AXIS)
+
+
+def _max_probability(logits):
+    return jnp.mean(jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1))
+
+
+def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_steps: int,
+                        beta: float, num_iterations: int, generator_lr: float,
+                        student_lr: float) -> Callable:
+    """Per-device body of one iteration: n_g generator updates, then n_s student updates.
+
+    (generator, student, teacher_variables, z [B_local, z_dim]) -> (generator, student, metrics).
+    Losses are ``pmean``-ed over the ``data`` axis before differentiation, so gradients are the
+    global-batch average whatever the device count (DESIGN.md, shard_map pitfall).
+    """
+    def teacher_forward(teacher_variables, x):
+        # Inference-mode BatchNorm; the teacher's variables are closed over, never differentiated.
+        return models.teacher.apply(teacher_variables, x, train=False)
+
+    def student_forward(params, batch_stats, x):
+        # Training-mode BatchNorm: its running statistics move at every forward (REFERENCE.md).
+        (logits, activations), updated = models.student.apply(
+            {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats'])
+        return logits, activations, updated['batch_stats']
+
+    def generate(params, batch_stats, z):
+        images, updated = models.generator.apply(
+            {'params': params, 'batch_stats': batch_stats}, z, train=True, mutable=['batch_stats'])
+        return images, updated['batch_stats']
+
+    def body(generator: TrainState, student: TrainState, teacher_variables, z):
+        iteration = student.step
+        lr_g = cosine_learning_rate(generator_lr, iteration, num_iterations)
+        lr_s = cosine_learning_rate(student_lr, iteration, num_iterations)
+
+        # Step 2: the generator maximises KL(T(x) || S(x)); gradients reach only G's parameters.
+        def generator_update(carry, _):
+            generator, student_stats = carry
+
+            def loss_fn(params):
+                images, gen_stats = generate(params, generator.batch_stats, z)
+                teacher_logits, _ = teacher_forward(teacher_variables, images)
+                student_logits, _, student_stats_new = student_forward(
+                    student.params, student_stats, images)
+                loss = _pmean(losses.generator_loss(teacher_logits, student_logits))
+                return loss, (gen_stats, student_stats_new)
+
+            (loss, (gen_stats, student_stats)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True)(generator.params)
+            return (generator.apply_gradients(grads, lr_g, gen_stats), student_stats), loss
+
+        (generator, student_stats), generator_losses = jax.lax.scan(
+            generator_update, (generator, student.batch_stats), None, length=n_generator_steps)
+        student = student.replace(batch_stats=student_stats)
+
+        # Step 3: G is fixed during the student updates, so the images and the teacher's outputs
+        # are computed once per iteration; this is exactly what re-running them would give.
+        images, gen_stats = generate(generator.params, generator.batch_stats, z)
+        generator = generator.replace(batch_stats=gen_stats)
+        images = jax.lax.stop_gradient(images)
+        teacher_logits, teacher_activations = teacher_forward(teacher_variables, images)
+
+        def student_update(student, _):
+            def loss_fn(params):
+                student_logits, student_activations, stats = student_forward(
+                    params, student.batch_stats, images)
+                loss, kl, at = losses.student_loss(teacher_logits, student_logits,
+                                                   teacher_activations, student_activations, beta)
+                return _pmean(loss), (stats, kl, at, student_logits)
+
+            (loss, (stats, kl, at, student_logits)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True)(student.params)
+            student = student.apply_gradients(grads, lr_s, stats)
+            agreement = jnp.mean(jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1))
+            return student, {'student_loss': loss, 'kl': _pmean(kl), 'attention': _pmean(at),
+                             'student_max_prob': _pmean(_max_probability(student_logits)),
+                             'agreement': _pmean(agreement.astype(jnp.float32))}
+
+        student, student_metrics = jax.lax.scan(student_update, student, None,
+                                                length=n_student_steps)
+        metrics = {
+            'generator_loss': generator_losses[-1],
+            # The student metrics of the first update describe the images as the generator left
+            # them; those of the last show how far the n_s updates closed the gap.
+            'student_loss': student_metrics['student_loss'][-1],
+            'kl_before_student_updates': student_metrics['kl'][0],
+            'kl': student_metrics['kl'][-1],
+            'attention': student_metrics['attention'][-1],
+            'student_max_prob': student_metrics['student_max_prob'][-1],
+            'agreement': student_metrics['agreement'][-1],
+            'teacher_max_prob': _pmean(_max_probability(teacher_logits)),
+            'generator_lr': lr_g,
+            'student_lr': lr_s,
+        }
+        return (generator.replace(step=generator.step + 1), student.replace(step=student.step + 1),
+                metrics)
+
+    return body
+
+
+def draw_z(base_key, iteration, batch_size: int, z_dim: int):
+    """The iteration's global z batch: a function of (seed key, iteration) only, so a resumed run
+    needs no saved key stream and the device count does not change it."""
+    return jax.random.normal(jax.random.fold_in(base_key, iteration), (batch_size, z_dim))
+
+
+def make_iteration_fn(models: Models, config, mesh) -> Callable:
+    """The compiled iteration: (generator, student, teacher_variables, z_key) -> (gen, stu, metrics).
+
+    jit(shard_map(body)): states and the teacher replicated, the z batch sharded over ``data``.
+    """
+    body = make_iteration_body(
+        models, n_generator_steps=config.n_g, n_student_steps=config.n_s, beta=config.beta,
+        num_iterations=config.num_iterations, generator_lr=config.generator_lr,
+        student_lr=config.student_lr)
+    sharded = data_parallel(body, mesh, in_specs=(P(), P(), P(), P(DATA_AXIS)),
+                            out_specs=(P(), P(), P()))
+
+    @jax.jit
+    def iteration_fn(generator, student, teacher_variables, z_key):
+        z = draw_z(z_key, student.step, config.batch_size, config.generator.z_dim)
+        return sharded(generator, student, teacher_variables, z)
+
+    return iteration_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# The job: python run.py --config=configs/svhn.py --workdir=...
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# Fields that must agree between a checkpoint and the run resuming from it.
+RESUME_FIELDS = ('dataset', 'teacher.arch', 'teacher.base_width', 'student.arch',
+                 'student.base_width', 'generator.z_dim', 'generator.hidden', 'num_iterations',
+                 'batch_size', 'n_g', 'n_s', 'generator_lr', 'student_lr', 'adam_b1', 'adam_b2',
+                 'adam_eps', 'grad_clip', 'beta', 'seed', 'compute_dtype')
+
+
+def create_states(config, models: Models, mesh):
+    """Fresh generator and student states (replicated), and the key of the z stream."""
+    from zskt_jax import data, parallel
+    from zskt_jax.state import adam, create_state
+    info = data.dataset_info(config.dataset)
+    generator_key, student_key, z_key = jax.random.split(jax.random.key(config.seed), 3)
+    tx = lambda: adam(config.grad_clip, config.adam_b1, config.adam_b2, config.adam_eps)
+    generator = create_state(models.generator, generator_key,
+                             jnp.zeros((2, config.generator.z_dim)), tx())
+    student = create_state(models.student, student_key, jnp.zeros((2,) + info.image_shape), tx())
+    generator, student = parallel.replicate((generator, student), mesh)
+    return generator, student, z_key
+
+
+def _is_finite(metrics) -> bool:
+    return all(np.isfinite(v) for v in metrics.values())
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+    """Distil the teacher into the student with no data; returns the results written to
+    ``{workdir}/results.json``."""
+    import os
+    import time
+    from zskt_jax import checkpoints, common, data, parallel, reporting
+    logger = reporting.logger
+    start_time = time.time()
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    info = data.dataset_info(config.dataset)
+    mesh = parallel.make_mesh()
+    parallel.check_divisible(config.batch_size, mesh)
+
+    teacher_variables, teacher_meta = common.load_teacher_for(config)
+    models = Models(generator=common.build_generator(config),
+                    student=common.build_network(config.student, info.num_classes, config),
+                    teacher=common.build_network(config.teacher, info.num_classes, config))
+    teacher_variables = parallel.replicate(teacher_variables, mesh)
+    generator, student, z_key = create_states(config, models, mesh)
+
+    # Resume from the latest checkpoint of this workdir, if any.
+    run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
+                                                 config.keep_checkpoints)
+    config_dict = config.to_dict()
+    start_iteration, history = 0, []
+    latest = run_checkpoints.latest_step()
+    if latest is not None:
+        meta = run_checkpoints.restore_meta(latest)
+        differences = checkpoints.compare_configs(meta['config'], config_dict, RESUME_FIELDS)
+        if differences:
+            raise checkpoints.CheckpointMismatchError(
+                f'The checkpoint at {run_checkpoints.directory}/{latest} was written by another '
+                'configuration:\n  ' + '\n  '.join(differences) +
+                '\nUse another --workdir, or the configuration it was written with.')
+        if meta.get('teacher_checksum') != teacher_meta['checksum']:
+            raise checkpoints.CheckpointMismatchError(
+                f'The teacher at {common.teacher_dir(config)} is not the one this run started '
+                f"with (checksum {teacher_meta['checksum'][:12]}..., recorded "
+                f"{str(meta.get('teacher_checksum'))[:12]}...).")
+        saved = run_checkpoints.restore(latest, {'generator': generator.state_dict(),
+                                                 'student': student.state_dict()})
+        generator = generator.replace_from(saved['generator'])
+        student = student.replace_from(saved['student'])
+        start_iteration, history = latest, meta.get('history', [])
+        logger.info('Resumed from %s/%d', run_checkpoints.directory, latest)
+
+    def save(iteration, generator, student, force=False):
+        run_checkpoints.save(iteration, {'generator': generator.state_dict(),
+                                         'student': student.state_dict()},
+                             {'config': config_dict, 'iteration': iteration,
+                              'teacher_path': os.path.abspath(common.teacher_dir(config)),
+                              'teacher_checksum': teacher_meta['checksum'], 'history': history},
+                             force=force)
+
+    eval_images, eval_labels = common.load_eval_split(config)
+    evaluator = common.Evaluator(models.student, config.dataset, eval_images, eval_labels,
+                                 config.eval_batch_size, mesh)
+    teacher_accuracy = common.Evaluator(models.teacher, config.dataset, eval_images, eval_labels,
+                                        config.eval_batch_size, mesh)(teacher_variables)
+    logger.info('Teacher %s test accuracy: %.2f%%', config.teacher.arch, 100 * teacher_accuracy)
+
+    writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'), active=is_main)
+    iteration_fn = make_iteration_fn(models, config, mesh)
+    sample_z = jax.random.normal(jax.random.fold_in(z_key, 2**32 - 1), (32, config.generator.z_dim))
+    draw_samples = jax.jit(lambda g: models.generator.apply(
+        {'params': g.params, 'batch_stats': g.batch_stats}, sample_z, train=False))
+
+    def evaluate(iteration, generator, student):
+        accuracy = evaluator({'params': student.params, 'batch_stats': student.batch_stats})
+        elapsed = time.time() - start_time
+        history.append({'iteration': iteration, 'student_accuracy': accuracy,
+                        'wall_time_s': elapsed})
+        writer.scalars(iteration, {'eval/student_accuracy': accuracy,
+                                   'eval/teacher_accuracy': teacher_accuracy,
+                                   'eval/wall_time_s': elapsed})
+        writer.image(iteration, 'generated', reporting.image_grid(
+            np.asarray(jax.device_get(draw_samples(generator))), info.mean, info.std))
+        writer.flush()
+        logger.info('[%d/%d] student test accuracy %.2f%% (teacher %.2f%%)', iteration,
+                    config.num_iterations, 100 * accuracy, 100 * teacher_accuracy)
+        return accuracy
+
+    progress = reporting.Progress(start_iteration, config.num_iterations)
+    for iteration in range(start_iteration, config.num_iterations):
+        new_generator, new_student, metrics = iteration_fn(generator, student,
+                                                           teacher_variables, z_key)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not _is_finite(metrics):
+            # Keep the last good states: the iteration that produced non-finite values is dropped.
+            save(iteration, generator, student, force=True)
+            run_checkpoints.wait()
+            bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+            raise NonFiniteLossError(
+                f'Non-finite values at iteration {iteration + 1}: {bad}. The states before it are '
+                f'saved in {run_checkpoints.directory}/{iteration}; lower the learning rates or '
+                'check the teacher.')
+        generator, student = new_generator, new_student
+        done = iteration + 1
+        if done % config.log_every == 0 or done == config.num_iterations:
+            logger.info(progress.line(done, {k: metrics[k] for k in (
+                'generator_loss', 'student_loss', 'kl', 'attention', 'agreement')}))
+            writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
+        if done % config.eval_every == 0 or done == config.num_iterations:
+            evaluate(done, generator, student)
+        if done % config.checkpoint_every == 0 or done == config.num_iterations:
+            save(done, generator, student)
+
+    run_checkpoints.wait()
+    run_checkpoints.close()
+    if not history or history[-1]['iteration'] != config.num_iterations:
+        evaluate(config.num_iterations, generator, student)
+    writer.close()
+    results = {
+        'job': 'zero_shot',
+        # The FINAL iterate is the reported result (REFERENCE.md, "Evaluation"), not the best.
+        'student_accuracy': history[-1]['student_accuracy'],
+        'teacher_accuracy': teacher_accuracy,
+        'iterations': config.num_iterations,
+        'wall_time_s': time.time() - start_time,
+        'history': history,
+        'teacher_path': os.path.abspath(common.teacher_dir(config)),
+        'devices': jax.device_count(),
+        'backend': jax.default_backend(),
+        'config': config_dict,
+    }
+    path = reporting.write_results(workdir, results, active=is_main)
+    if path:
+        logger.info('Student %.2f%%, teacher %.2f%% (%.1f%% of the teacher); results in %s',
+                    100 * results['student_accuracy'], 100 * teacher_accuracy,
+                    100 * results['student_accuracy'] / max(teacher_accuracy, 1e-9), path)
+    return results
