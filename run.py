@@ -16,7 +16,13 @@ flags.DEFINE_string('workdir', None, 'Output directory (checkpoints, TensorBoard
                     'Default: runs/<config file name>.')
 FLAGS = flags.FLAGS
 
-JOBS = ('zero_shot', 'teacher')
+# config.job -> the module whose train_and_evaluate(config, workdir) runs it.
+JOBS = {
+    'zero_shot': 'zskt_jax.zero_shot',
+    'teacher': 'zskt_jax.teacher',
+    'few_shot': 'zskt_jax.few_shot',
+    'belief': 'zskt_jax.belief',
+}
 
 
 def default_workdir(config, config_path: str) -> str:
@@ -28,13 +34,10 @@ def default_workdir(config, config_path: str) -> str:
 
 
 def run_job(config, workdir: str):
-    if config.job == 'zero_shot':
-        from zskt_jax import zero_shot
-        return zero_shot.train_and_evaluate(config, workdir)
-    if config.job == 'teacher':
-        from zskt_jax import teacher
-        return teacher.train_and_evaluate(config, workdir)
-    raise ValueError(f'config.job = {config.job!r}; choose one of {JOBS}')
+    import importlib
+    if config.job not in JOBS:
+        raise ValueError(f'config.job = {config.job!r}; choose one of {sorted(JOBS)}')
+    return importlib.import_module(JOBS[config.job]).train_and_evaluate(config, workdir)
 
 
 def load_config_file(path: str):
@@ -87,5 +90,27 @@ def main(argv):
         print(' '.join(f'{k}={100 * v:.2f}%' for k, v in summary.items()))
 
 
+def check_overrides(argv) -> None:
+    """Fail early, naming the field, when a --config.FIELD override names no field of the config
+    (ml_collections would otherwise fail with a bare AttributeError deep in flag parsing)."""
+    config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    if config_path is None:
+        return
+    config = load_config_file(config_path)
+    for arg in argv:
+        if not arg.startswith('--config.'):
+            continue
+        dotted = arg[len('--config.'):].split('=', 1)[0]
+        node = config
+        for depth, part in enumerate(dotted.split('.')):
+            if not hasattr(node, 'keys') or part not in node.keys():
+                parent = '.'.join(dotted.split('.')[:depth]) or '<top level>'
+                known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(not a section)'
+                sys.exit(f'Unknown config field {dotted!r} in {arg!r}: {config_path} has no '
+                         f'{part!r} under {parent}. Fields there: {known}')
+            node = node[part]
+
+
 if __name__ == '__main__':
+    check_overrides(sys.argv[1:])
     app.run(main)

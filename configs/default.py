@@ -41,4 +41,5 @@ def get_config():
     config.checkpoint_every = 1000    # iterations between checkpoints
     config.keep_checkpoints = 3       # most recent checkpoints kept
     config.compute_dtype = 'float32'  # activations dtype: float32 | bfloat16
+    config.update_loop = 'auto'       # n_g/n_s updates as: scan | unroll | auto (unroll on CPU)
     return config

@@ -1,0 +1,74 @@
+"""Parameter counts and structure of the WideResNets and the generator (REFERENCE.md)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zskt_jax.models import Generator, build_wide_resnet, parse_arch
+
+
+def count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('arch,expected', [('WRN-16-1', 175_066), ('WRN-16-2', 691_674),
+                                           ('WRN-40-1', 563_930), ('WRN-40-2', 2_243_546)])
+def test_wide_resnet_parameter_counts(arch, expected):
+    variables = jax.eval_shape(build_wide_resnet(arch, 10).init, jax.random.key(0),
+                               jnp.zeros((1, 32, 32, 3)))
+    assert count(variables['params']) == expected
+
+
+def test_generator_parameter_count():
+    variables = jax.eval_shape(Generator().init, jax.random.key(0), jnp.zeros((1, 100)))
+    assert count(variables['params']) == 1_051_145
+
+
+def test_wide_resnet_outputs_and_group_shapes():
+    model = build_wide_resnet('WRN-16-2', 10)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    logits, groups = jax.eval_shape(model.apply, variables, jnp.ones((2, 32, 32, 3)))
+    assert logits.shape == (2, 10)
+    assert [g.shape for g in groups] == [(2, 32, 32, 32), (2, 16, 16, 64), (2, 8, 8, 128)]
+
+
+def test_wide_resnet_init_statistics():
+    """Convs N(0, sqrt(2 / (k*k*out))) (He, fan-out); BN scale 1, bias 0; FC bias 0."""
+    variables = jax.jit(build_wide_resnet('WRN-16-1', 10).init)(jax.random.key(0),
+                                                                jnp.zeros((1, 32, 32, 3)))
+    kernel = np.asarray(variables['params']['block3_layer_1']['conv2']['kernel'])  # 3x3x64x64
+    assert kernel.shape == (3, 3, 64, 64)
+    assert abs(kernel.std() - np.sqrt(2 / (9 * 64))) < 0.02 * np.sqrt(2 / (9 * 64))
+    assert abs(kernel.mean()) < 0.01 * np.sqrt(2 / (9 * 64))
+    assert np.all(np.asarray(variables['params']['bn1']['scale']) == 1)
+    assert np.all(np.asarray(variables['params']['fc']['bias']) == 0)
+
+
+def test_generator_output_is_batch_normalised():
+    generator = Generator()
+    variables = jax.jit(generator.init)(jax.random.key(0), jnp.zeros((1, 100)))
+    z = jax.random.normal(jax.random.key(1), (64, 100))
+    images, _ = jax.jit(lambda v, z: generator.apply(v, z, train=True, mutable=['batch_stats']))(
+        variables, z)
+    assert images.shape == (64, 32, 32, 3)
+    np.testing.assert_allclose(np.asarray(images).mean((0, 1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(images).std((0, 1, 2)), 1, atol=1e-3)
+
+
+def test_batchnorm_running_variance_is_unbiased():
+    """PyTorch updates running_var with the unbiased batch variance (REFERENCE.md)."""
+    from zskt_jax.models.layers import BatchNorm
+    x = jax.random.normal(jax.random.key(0), (4, 2, 2, 3)) * 3 + 1
+    bn = BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+    _, updated = bn.apply(variables, x, mutable=['batch_stats'])
+    flat = np.asarray(x).reshape(-1, 3)
+    np.testing.assert_allclose(updated['batch_stats']['var'], 0.9 + 0.1 * flat.var(0, ddof=1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(updated['batch_stats']['mean'], 0.1 * flat.mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize('bad', ['WRN-15-1', 'ResNet-18', 'WRN-16'])
+def test_bad_architecture_names_are_explained(bad):
+    with pytest.raises(ValueError, match='WRN'):
+        parse_arch(bad)
