@@ -40,6 +40,8 @@ def get_config():
     config.log_every = 50             # iterations between progress lines and scalar summaries
     config.checkpoint_every = 1000    # iterations between checkpoints
     config.keep_checkpoints = 3       # most recent checkpoints kept
+    config.resume_fallback = False    # if the latest checkpoint is unreadable, use the previous one
+    config.stop_after_iterations = 0  # >0: checkpoint and stop after this many iterations of a run
     config.compute_dtype = 'float32'  # activations dtype: float32 | bfloat16
     config.update_loop = 'auto'       # n_g/n_s updates as: scan | unroll | auto (unroll on CPU)
     return config

@@ -22,7 +22,9 @@ def get_config():
     config.augment = 'none'           # none | crop | crop_flip (CIFAR: crop_flip)
     config.eval_batch_size = 500
     config.log_every = 1              # epochs between progress lines
-    config.checkpoint_every = 1       # epochs between checkpoints
+    config.checkpoint_every = 1       # epochs between checkpoints (also at a SIGTERM/Ctrl-C stop)
     config.keep_checkpoints = 2
+    config.stop_after_steps = 0       # >0: checkpoint and stop after this many steps of a run
+    config.resume_fallback = False    # if the latest checkpoint is unreadable, use the previous one
     config.compute_dtype = 'float32'
     return config

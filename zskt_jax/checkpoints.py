@@ -94,6 +94,8 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Dict[str, Any], meta: Dict[str, Any], force=False) -> None:
+        if step in self.manager.all_steps():
+            return  # already saved (e.g. a stop right after a periodic save)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -115,6 +117,7 @@ class RunCheckpoints:
 
 def compare_configs(saved: Dict[str, Any], current: Dict[str, Any], fields) -> list:
     """The dotted fields whose values differ between a checkpoint's config and this run's."""
+    current = json.loads(json.dumps(current))  # as it would be saved: tuples become lists
     def get(d, dotted):
         for part in dotted.split('.'):
             if not isinstance(d, dict) or part not in d:
@@ -123,3 +126,54 @@ def compare_configs(saved: Dict[str, Any], current: Dict[str, Any], fields) -> l
         return d
     return [f'{f}: checkpoint {get(saved, f)!r}, now {get(current, f)!r}'
             for f in fields if get(saved, f) != get(current, f)]
+
+
+class CheckpointCorruptedError(RuntimeError):
+    pass
+
+
+def restore_latest(run_checkpoints: RunCheckpoints, target: Dict[str, Any], config_dict,
+                   fields, *, fallback: bool = False, validate_meta=None):
+    """Restore the newest checkpoint of a run, refusing any that another configuration wrote.
+
+    Returns (step, state, meta), or (None, None, None) for a fresh run. A checkpoint that cannot
+    be read is reported; with ``fallback`` the newest intact earlier one is used instead and the
+    unreadable one is moved aside (renamed, never deleted) so that the run can save past it.
+    """
+    import logging
+    logger = logging.getLogger('zskt_jax')
+    steps = sorted(run_checkpoints.manager.all_steps(), reverse=True)
+    for position, step in enumerate(steps):
+        try:
+            meta = run_checkpoints.restore_meta(step)
+        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is reported
+            meta, failure = None, error
+        if meta is not None:
+            differences = compare_configs(meta.get('config', {}), config_dict, fields)
+            if differences:
+                raise CheckpointMismatchError(
+                    f'The checkpoint at {run_checkpoints.directory}/{step} was written by another '
+                    'configuration:\n  ' + '\n  '.join(differences) +
+                    '\nUse another --workdir, or the configuration it was written with.')
+            if validate_meta is not None:
+                validate_meta(meta)
+            try:
+                return step, run_checkpoints.restore(step, target), meta
+            except Exception as error:  # noqa: BLE001
+                failure = error
+        older = steps[position + 1:]
+        location = f'{run_checkpoints.directory}/{step}'
+        if not fallback:
+            raise CheckpointCorruptedError(
+                f'The latest checkpoint {location} cannot be read ({type(failure).__name__}: '
+                f'{str(failure)[:300]}). Nothing was deleted. '
+                + (f'Rerun with --config.resume_fallback=True to continue from the newest intact '
+                   f'earlier checkpoint (steps {older}).' if older else
+                   'There is no earlier checkpoint; use a new --workdir to start afresh.'))
+        aside = f'{location}.corrupted'
+        logger.warning('Checkpoint %s cannot be read (%s); moved to %s, trying the previous one.',
+                       location, type(failure).__name__, aside)
+        if jax.process_index() == 0:
+            os.replace(location, aside)
+        run_checkpoints.manager.reload()
+    return None, None, None

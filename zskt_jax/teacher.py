@@ -14,9 +14,15 @@ from jax.sharding import PartitionSpec as P
 
 from zskt_jax import checkpoints, common, data, losses, parallel, reporting
 from zskt_jax.parallel import DATA_AXIS
+from zskt_jax.preemption import PreemptionGuard
 from zskt_jax.state import create_state, sgd
 
 logger = reporting.logger
+
+# Fields that must agree between a teacher checkpoint and the run resuming from it.
+TEACHER_RESUME_FIELDS = ('dataset', 'teacher.arch', 'teacher.base_width', 'epochs', 'batch_size',
+                         'learning_rate', 'momentum', 'nesterov', 'weight_decay', 'lr_milestones',
+                         'lr_decay', 'seed', 'augment', 'compute_dtype')
 
 
 def step_learning_rate(base_lr: float, epoch, total_epochs: int, milestones, decay: float):
@@ -91,48 +97,62 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
                                                  config.keep_checkpoints)
-    start_epoch, config_dict = 0, config.to_dict()
-    latest = run_checkpoints.latest_step()
-    if latest is not None:
-        meta = run_checkpoints.restore_meta(latest)
-        differences = checkpoints.compare_configs(meta['config'], config_dict, (
-            'dataset', 'teacher.arch', 'teacher.base_width', 'epochs', 'batch_size',
-            'learning_rate', 'momentum', 'weight_decay', 'seed', 'augment'))
-        if differences:
-            raise checkpoints.CheckpointMismatchError(
-                f'The checkpoint at {run_checkpoints.directory}/{latest} was written by another '
-                'configuration:\n  ' + '\n  '.join(differences))
-        state = state.replace_from(run_checkpoints.restore(latest, state.state_dict()))
-        start_epoch = latest
-        logger.info('Resumed teacher training at epoch %d', start_epoch)
+    config_dict = config.to_dict()
+    # Checkpoints are labelled by optimizer step, so a stop mid-epoch resumes exactly: the
+    # epoch's permutation and augmentation keys are functions of (seed, epoch, step).
+    start_step, saved, _ = checkpoints.restore_latest(
+        run_checkpoints, state.state_dict(), config_dict, TEACHER_RESUME_FIELDS,
+        fallback=config.get('resume_fallback', False))
+    if saved is not None:
+        state = state.replace_from(saved)
+        logger.info('Resumed teacher training at step %d', start_step)
+    start_step = start_step or 0
 
     train_step = make_train_step(model, config, steps_per_epoch, mesh)
     evaluator = common.Evaluator(model, config.dataset, test_images, test_labels,
                                  config.eval_batch_size, mesh)
     writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'), active=is_main)
     sharding = parallel.batch_sharded(mesh)
-    progress = reporting.Progress(start_epoch, config.epochs)
-    for epoch in range(start_epoch, config.epochs):
-        epoch_key = jax.random.fold_in(data_key, epoch)
-        order = np.asarray(jax.random.permutation(epoch_key, len(train_labels)))
-        for i in range(steps_per_epoch):
+    total_steps = config.epochs * steps_per_epoch
+    progress = reporting.Progress(start_step // steps_per_epoch, config.epochs)
+    save = lambda step, force=False: run_checkpoints.save(
+        step, state.state_dict(), {'config': config_dict, 'step': step}, force=force)
+    stopped_at, order = None, None
+    with PreemptionGuard() as preemption:
+        for step in range(start_step, total_steps):
+            epoch, i = divmod(step, steps_per_epoch)
+            epoch_key = jax.random.fold_in(data_key, epoch)
+            if order is None or i == 0:
+                order = np.asarray(jax.random.permutation(epoch_key, len(train_labels)))
             idx = order[i * config.batch_size:(i + 1) * config.batch_size]
             state, metrics = train_step(state, jax.device_put(train_images[idx], sharding),
                                         jax.device_put(train_labels[idx], sharding),
                                         jax.random.fold_in(epoch_key, i))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(np.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f'teacher training loss became non-finite in epoch {epoch + 1}: '
-                                     f'{metrics}; the last good checkpoint is in '
-                                     f'{run_checkpoints.directory}')
-        done = epoch + 1
-        writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
-        if done % config.log_every == 0 or done == config.epochs:
-            logger.info(progress.line(done, metrics))
-        if done % config.checkpoint_every == 0 or done == config.epochs:
-            run_checkpoints.save(done, state.state_dict(), {'config': config_dict, 'epoch': done})
+            done = step + 1
+            stop = preemption.requested() or done - start_step == config.get('stop_after_steps', 0)
+            if done % steps_per_epoch == 0:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(np.isfinite(v) for v in metrics.values()):
+                    raise FloatingPointError(
+                        f'teacher training loss became non-finite in epoch {epoch + 1}: '
+                        f'{metrics}; the last good checkpoint is in {run_checkpoints.directory}')
+                writer.scalars(epoch + 1, {f'train/{k}': v for k, v in metrics.items()})
+                if (epoch + 1) % config.log_every == 0 or done == total_steps:
+                    logger.info(progress.line(epoch + 1, metrics))
+                if (epoch + 1) % config.checkpoint_every == 0 or done == total_steps:
+                    save(done)
+            if stop and done < total_steps:
+                save(done, force=True)
+                stopped_at = done
+                break
     run_checkpoints.wait()
     run_checkpoints.close()
+    if stopped_at is not None:
+        writer.close()
+        location = f'{run_checkpoints.directory}/{stopped_at}'
+        logger.info('Stopped at step %d (epoch %d); checkpoint written to %s. Rerun the same '
+                    'command to continue.', stopped_at, stopped_at // steps_per_epoch, location)
+        return {'job': 'teacher', 'stopped_at': stopped_at, 'checkpoint': location}
 
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     accuracy = evaluator(variables)

@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from zskt_jax import losses
 from zskt_jax.parallel import DATA_AXIS, data_parallel
+from zskt_jax.preemption import PreemptionGuard
 from zskt_jax.state import TrainState, cosine_learning_rate
 
 
@@ -232,27 +233,26 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
                                                  config.keep_checkpoints)
     config_dict = config.to_dict()
-    start_iteration, history = 0, []
-    latest = run_checkpoints.latest_step()
-    if latest is not None:
-        meta = run_checkpoints.restore_meta(latest)
-        differences = checkpoints.compare_configs(meta['config'], config_dict, RESUME_FIELDS)
-        if differences:
-            raise checkpoints.CheckpointMismatchError(
-                f'The checkpoint at {run_checkpoints.directory}/{latest} was written by another '
-                'configuration:\n  ' + '\n  '.join(differences) +
-                '\nUse another --workdir, or the configuration it was written with.')
+
+    def same_teacher(meta):
         if meta.get('teacher_checksum') != teacher_meta['checksum']:
             raise checkpoints.CheckpointMismatchError(
                 f'The teacher at {common.teacher_dir(config)} is not the one this run started '
                 f"with (checksum {teacher_meta['checksum'][:12]}..., recorded "
-                f"{str(meta.get('teacher_checksum'))[:12]}...).")
-        saved = run_checkpoints.restore(latest, {'generator': generator.state_dict(),
-                                                 'student': student.state_dict()})
+                f"{str(meta.get('teacher_checksum'))[:12]}... for {meta.get('teacher_path')}).")
+
+    start_iteration, saved, meta = checkpoints.restore_latest(
+        run_checkpoints, {'generator': generator.state_dict(), 'student': student.state_dict()},
+        config_dict, RESUME_FIELDS, fallback=config.get('resume_fallback', False),
+        validate_meta=same_teacher)
+    history = []
+    if saved is not None:
         generator = generator.replace_from(saved['generator'])
         student = student.replace_from(saved['student'])
-        start_iteration, history = latest, meta.get('history', [])
-        logger.info('Resumed from %s/%d', run_checkpoints.directory, latest)
+        history = meta.get('history', [])
+        logger.info('Resumed from %s/%d', run_checkpoints.directory, start_iteration)
+    else:
+        start_iteration = 0
 
     def save(iteration, generator, student, force=False):
         run_checkpoints.save(iteration, {'generator': generator.state_dict(),
@@ -291,32 +291,48 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         return accuracy
 
     progress = reporting.Progress(start_iteration, config.num_iterations)
-    for iteration in range(start_iteration, config.num_iterations):
-        new_generator, new_student, metrics = iteration_fn(generator, student,
-                                                           teacher_variables, z_key)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-        if not _is_finite(metrics):
-            # Keep the last good states: the iteration that produced non-finite values is dropped.
-            save(iteration, generator, student, force=True)
-            run_checkpoints.wait()
-            bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
-            raise NonFiniteLossError(
-                f'Non-finite values at iteration {iteration + 1}: {bad}. The states before it are '
-                f'saved in {run_checkpoints.directory}/{iteration}; lower the learning rates or '
-                'check the teacher.')
-        generator, student = new_generator, new_student
-        done = iteration + 1
-        if done % config.log_every == 0 or done == config.num_iterations:
-            logger.info(progress.line(done, {k: metrics[k] for k in (
-                'generator_loss', 'student_loss', 'kl', 'attention', 'agreement')}))
-            writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
-        if done % config.eval_every == 0 or done == config.num_iterations:
-            evaluate(done, generator, student)
-        if done % config.checkpoint_every == 0 or done == config.num_iterations:
-            save(done, generator, student)
+    stop_after = config.get('stop_after_iterations', 0)
+    stopped_at = None
+    metrics = {}
+    with PreemptionGuard() as preemption:
+        for iteration in range(start_iteration, config.num_iterations):
+            new_generator, new_student, step_metrics = iteration_fn(generator, student,
+                                                                    teacher_variables, z_key)
+            step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()
+                            if np.ndim(v) == 0}
+            if not _is_finite(step_metrics):
+                # Keep the last good states: the iteration that produced non-finite values is
+                # dropped, its predecessor saved.
+                save(iteration, generator, student, force=True)
+                run_checkpoints.wait()
+                bad = {k: v for k, v in step_metrics.items() if not np.isfinite(v)}
+                raise NonFiniteLossError(
+                    f'Non-finite values at iteration {iteration + 1}: {bad}. The states before '
+                    f'it are saved in {run_checkpoints.directory}/{iteration}; lower the learning '
+                    'rates or check the teacher.')
+            generator, student, metrics = new_generator, new_student, step_metrics
+            done = iteration + 1
+            if done % config.log_every == 0 or done == config.num_iterations:
+                logger.info(progress.line(done, {k: metrics[k] for k in (
+                    'generator_loss', 'student_loss', 'kl', 'attention', 'agreement')}))
+                writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
+            if done % config.eval_every == 0 or done == config.num_iterations:
+                evaluate(done, generator, student)
+            stop = preemption.requested() or (stop_after and done - start_iteration >= stop_after)
+            if done % config.checkpoint_every == 0 or done == config.num_iterations or stop:
+                save(done, generator, student, force=bool(stop))
+            if stop and done < config.num_iterations:
+                stopped_at = done
+                break
 
     run_checkpoints.wait()
     run_checkpoints.close()
+    if stopped_at is not None:
+        writer.close()
+        location = f'{run_checkpoints.directory}/{stopped_at}'
+        logger.info('Stopped after iteration %d; checkpoint written to %s. Rerun the same command '
+                    'to continue.', stopped_at, location)
+        return {'job': 'zero_shot', 'stopped_at': stopped_at, 'checkpoint': location}
     if not history or history[-1]['iteration'] != config.num_iterations:
         evaluate(config.num_iterations, generator, student)
     writer.close()
@@ -328,6 +344,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         'iterations': config.num_iterations,
         'wall_time_s': time.time() - start_time,
         'history': history,
+        'final_train_metrics': metrics,
         'teacher_path': os.path.abspath(common.teacher_dir(config)),
         'devices': jax.device_count(),
         'backend': jax.default_backend(),

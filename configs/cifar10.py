@@ -1,0 +1,22 @@
+"""Zero-shot distillation on CIFAR-10, the paper's setting (REFERENCE.md): WRN-40-2 -> WRN-16-1,
+N = 80,000 iterations, evaluated on the 10,000 test images every N/100 iterations.
+
+The six pairs of the paper's Table 1 are overrides, e.g.
+  python run.py --config=configs/cifar10.py --config.teacher.arch=WRN-40-1 \\
+      --config.student.arch=WRN-16-2
+The teacher is read from runs/teacher_cifar10_{teacher.arch}/teacher: train it with
+configs/teacher_cifar10.py or import the authors' one with `python -m zskt_jax.import_torch`
+(docs/reproducing.md).
+"""
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.dataset = 'cifar10'
+    config.teacher.arch = 'WRN-40-2'
+    config.student.arch = 'WRN-16-1'
+    config.num_iterations = 80_000
+    # N / 100, and it stays so when --config.num_iterations is overridden (a FieldReference).
+    config.eval_every = config.get_ref('num_iterations') // 100
+    return config

@@ -1,0 +1,113 @@
+"""End to end through run.py: a tiny digits distillation, and the errors a person can meet."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, tiny_zero_shot_config, write_teacher
+
+TINY_CONFIG = '''
+from configs import digits
+
+
+def get_config():
+    config = digits.get_config()
+    config.data_dir = {data_dir!r}
+    config.teacher.arch = 'WRN-10-1'
+    config.teacher.base_width = 4
+    config.teacher.checkpoint = {teacher!r}
+    config.teacher.recipe = ''
+    config.student.arch = 'WRN-10-1'
+    config.student.base_width = 4
+    config.generator.hidden = 8
+    config.batch_size = 16
+    config.num_iterations = 3
+    config.n_s = 2
+    config.eval_every = 2
+    config.log_every = 1
+    config.checkpoint_every = 2
+    return config
+'''
+
+
+def run_py(*args, cwd=ROOT, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_distillation_writes_results_and_tensorboard(tmp_path, digits_data_dir, tiny_teacher):
+    config_path = tmp_path / 'tiny.py'
+    config_path.write_text(TINY_CONFIG.format(data_dir=digits_data_dir, teacher=tiny_teacher))
+    workdir = tmp_path / 'run'
+    result = run_py(f'--config={config_path}', f'--workdir={workdir}', '--config.n_s=1')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'it/s' in result.stdout and 'ETA' in result.stdout
+    results = json.loads((workdir / 'results.json').read_text())
+    assert 0.0 <= results['student_accuracy'] <= 1.0
+    assert 0.0 <= results['teacher_accuracy'] <= 1.0
+    assert results['iterations'] == 3 and results['config']['n_s'] == 1  # the override reached it
+    assert [h['iteration'] for h in results['history']] == [2, 3]
+    assert results['wall_time_s'] > 0
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3']
+
+    from tensorboard.backend.event_processing import event_accumulator
+    events = glob.glob(str(workdir / 'tensorboard' / 'events.out.tfevents.*'))
+    assert len(events) == 1
+    accumulator = event_accumulator.EventAccumulator(events[0], size_guidance={'images': 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    for tag in ('train/generator_loss', 'train/student_loss', 'train/kl', 'train/student_lr',
+                'train/teacher_max_prob', 'eval/student_accuracy', 'eval/teacher_accuracy'):
+        assert tag in tags['scalars'], tag
+    assert 'generated' in tags['images']
+    accuracy_events = accumulator.Scalars('eval/student_accuracy')
+    assert [e.step for e in accuracy_events] == [2, 3]
+    assert math.isclose(accuracy_events[-1].value, results['student_accuracy'], rel_tol=1e-6)
+
+
+def test_unknown_config_field_is_named():
+    result = run_py('--config=configs/digits.py', '--config.student.widht=2')
+    assert result.returncode != 0
+    assert "Unknown config field 'student.widht'" in result.stderr
+    assert 'arch, base_width' in result.stderr
+
+
+def test_missing_teacher_says_where_and_how(tmp_path, digits_data_dir):
+    from zskt_jax import checkpoints, zero_shot
+    config = tiny_zero_shot_config(digits_data_dir, str(tmp_path / 'nowhere'))
+    with pytest.raises(checkpoints.TeacherNotFoundError) as error:
+        zero_shot.train_and_evaluate(config, str(tmp_path / 'run'))
+    message = str(error.value)
+    assert str(tmp_path / 'nowhere') in message
+    assert 'python run.py --config=configs/teacher_digits.py' in message
+
+
+def test_teacher_of_another_dataset_is_refused(tmp_path, digits_data_dir):
+    from zskt_jax import checkpoints, zero_shot
+    teacher = write_teacher(str(tmp_path / 'teacher100'), num_classes=100, dataset='cifar100')
+    config = tiny_zero_shot_config(digits_data_dir, teacher)
+    with pytest.raises(checkpoints.CheckpointMismatchError, match='100 classes but the dataset has 10'):
+        zero_shot.train_and_evaluate(config, str(tmp_path / 'run'))
+    teacher = write_teacher(str(tmp_path / 'teacher_small'), image_shape=(16, 16, 3))
+    config = tiny_zero_shot_config(digits_data_dir, teacher)
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=r'\(16, 16, 3\)'):
+        zero_shot.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_states(tmp_path, digits_data_dir,
+                                                               tiny_teacher):
+    from zskt_jax import zero_shot
+    config = tiny_zero_shot_config(digits_data_dir, tiny_teacher)
+    config.student_lr = float('inf')
+    workdir = tmp_path / 'run'
+    with pytest.raises(zero_shot.NonFiniteLossError, match='iteration 1:') as error:
+        zero_shot.train_and_evaluate(config, str(workdir))
+    # The first student update makes the parameters non-finite, so iteration 1's losses are;
+    # the states before it (the initial ones) are saved and no results.json claims success.
+    assert os.path.join(str(workdir), 'checkpoints', '0') in str(error.value)
+    assert os.path.isdir(workdir / 'checkpoints' / '0')
+    assert not (workdir / 'results.json').exists()

@@ -1,0 +1,70 @@
+"""Teacher training: the step schedule, augmentation, and a tiny run that resumes exactly."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zskt_jax import teacher
+
+
+def tiny_teacher_config(data_dir):
+    from configs import teacher_digits
+    config = teacher_digits.get_config()
+    config.data_dir = data_dir
+    config.teacher.arch = 'WRN-10-1'
+    config.teacher.base_width = 4
+    config.epochs = 2
+    config.batch_size = 256
+    config.log_every = 1
+    return config
+
+
+def test_step_learning_rate_divides_by_five_at_30_60_80_percent():
+    lrs = [float(teacher.step_learning_rate(0.1, jnp.asarray(e), 100, (0.3, 0.6, 0.8), 0.2))
+           for e in (0, 29, 30, 59, 60, 79, 80, 99)]
+    np.testing.assert_allclose(lrs, [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008],
+                               rtol=1e-6)
+
+
+def test_crop_augmentation_shifts_within_four_pixels():
+    images = jnp.arange(2 * 32 * 32 * 3, dtype=jnp.int32).reshape(2, 32, 32, 3) % 251 + 1
+    images = images.astype(jnp.uint8)
+    out = np.asarray(teacher.augment(jax.random.key(0), images, 'crop'))
+    assert out.shape == images.shape
+    for original, cropped in zip(np.asarray(images), out):
+        padded = np.pad(original, ((4, 4), (4, 4), (0, 0)))
+        assert any(np.array_equal(padded[dy:dy + 32, dx:dx + 32], cropped)
+                   for dy in range(9) for dx in range(9))
+    np.testing.assert_array_equal(teacher.augment(jax.random.key(0), images, 'none'), images)
+
+
+def test_teacher_training_writes_a_teacher_and_resumes_exactly(tmp_path, digits_data_dir):
+    from zskt_jax import checkpoints
+    config = tiny_teacher_config(digits_data_dir)
+    straight = teacher.train_and_evaluate(config, str(tmp_path / 'straight'))
+    assert 0 <= straight['teacher_accuracy'] <= 1
+    meta = json.loads((tmp_path / 'straight' / 'teacher' / 'teacher.json').read_text())
+    assert meta['arch'] == 'WRN-10-1' and meta['num_classes'] == 10
+
+    # Stop after the first epoch's checkpoint (as a preemption would), then resume.
+    config_half = tiny_teacher_config(digits_data_dir)
+    with config_half.unlocked():
+        config_half.epochs = 2
+    workdir = str(tmp_path / 'resumed')
+    first = teacher.train_and_evaluate(_stopping(config_half, 5), workdir)
+    assert first['stopped_at'] == 5
+    resumed = teacher.train_and_evaluate(config_half, workdir)
+    a, _ = checkpoints.load_teacher(str(tmp_path / 'straight' / 'teacher'))
+    b, _ = checkpoints.load_teacher(str(tmp_path / 'resumed' / 'teacher'))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert resumed['teacher_accuracy'] == straight['teacher_accuracy']
+
+
+def _stopping(config, steps):
+    """The config with a stop requested after ``steps`` optimizer steps."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.stop_after_steps = steps
+    return config

@@ -1,0 +1,330 @@
+"""Import the authors' published PyTorch teachers (REFERENCE.md, "The official PyTorch
+checkpoints").
+
+    pip install torch==2.13.0   # only this command needs PyTorch (a CPU build is enough)
+    python -m zskt_jax.import_torch --checkpoint=pretrained/svhn/WRN-40-2/last.pth.tar \\
+        --arch=WRN-40-2 --dataset=svhn
+
+writes ``runs/teacher_svhn_WRN-40-2/teacher`` (``--out`` to choose), exactly where
+``python run.py --config=configs/svhn.py`` looks for its teacher by default
+(``common.teacher_dir``). The checkpoint may be the authors' ``{'state_dict': ...}`` dict or a
+bare state dict, with or without the ``module.`` prefix of ``nn.DataParallel``.
+
+The conversion is a renaming plus layout changes: conv OIHW -> HWIO, fc [out, in] -> [in, out],
+BatchNorm weight/bias/running_mean/running_var -> scale/bias (params) and mean/var (batch_stats);
+``num_batches_tracked`` is dropped. Every tensor's shape is checked against the named architecture
+before anything is written. When the dataset is prepared, the imported teacher's test accuracy is
+measured and recorded in ``teacher.json``.
+"""
+import argparse
+import logging
+import os
+import re
+import sys
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from zskt_jax.models.wide_resnet import parse_arch
+
+logger = logging.getLogger('zskt_jax')
+
+BN_TO_FLAX = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
+              'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+IGNORED_SUFFIXES = ('.num_batches_tracked',)
+TORCH_INSTALL_HINT = ('pip install torch==2.13.0  (a CPU build is enough; only '
+                      'zskt_jax.import_torch needs PyTorch)')
+
+
+class StateDictMismatchError(ValueError):
+    """The checkpoint is not the architecture it was said to be."""
+
+
+class TensorSpec(NamedTuple):
+    """One tensor of the authors' WideResNet state dict and where it goes in ours."""
+    torch_key: str                  # e.g. 'block1.layer.0.conv1.weight'
+    torch_shape: Tuple[int, ...]    # its shape in the PyTorch layout
+    collection: str                 # 'params' | 'batch_stats'
+    flax_path: Tuple[str, ...]      # e.g. ('block1_layer_0', 'conv1', 'kernel')
+    kind: str                       # 'conv' | 'dense_kernel' | 'vector'
+
+
+def torch_layout(arch: str, num_classes: int, base_width: int = 16) -> List[TensorSpec]:
+    """The tensors of the authors' WRN-depth-k state dict, in its order (REFERENCE.md):
+    conv1; block{g}.layer.{i}.{bn1, conv1, bn2, conv2, convShortcut}; bn1; fc."""
+    depth, width = parse_arch(arch)
+    blocks_per_group = (depth - 4) // 6
+    channels = [base_width, base_width * width, 2 * base_width * width, 4 * base_width * width]
+    specs = []
+
+    def conv(key, flax_module, out_ch, in_ch, k):
+        specs.append(TensorSpec(f'{key}.weight', (out_ch, in_ch, k, k), 'params',
+                                flax_module + ('kernel',), 'conv'))
+
+    def bn(key, flax_module, ch):
+        for torch_name, (collection, flax_name) in BN_TO_FLAX.items():
+            specs.append(TensorSpec(f'{key}.{torch_name}', (ch,), collection,
+                                    flax_module + (flax_name,), 'vector'))
+
+    conv('conv1', ('conv1',), channels[0], 3, 3)
+    for g in range(1, 4):
+        for i in range(blocks_per_group):
+            in_ch = channels[g - 1] if i == 0 else channels[g]
+            out_ch = channels[g]
+            key, module = f'block{g}.layer.{i}', (f'block{g}_layer_{i}',)
+            bn(f'{key}.bn1', module + ('bn1',), in_ch)
+            conv(f'{key}.conv1', module + ('conv1',), out_ch, in_ch, 3)
+            bn(f'{key}.bn2', module + ('bn2',), out_ch)
+            conv(f'{key}.conv2', module + ('conv2',), out_ch, out_ch, 3)
+            if in_ch != out_ch:
+                conv(f'{key}.convShortcut', module + ('convShortcut',), out_ch, in_ch, 1)
+    bn('bn1', ('bn1',), channels[3])
+    specs.append(TensorSpec('fc.weight', (num_classes, channels[3]), 'params', ('fc', 'kernel'),
+                            'dense_kernel'))
+    specs.append(TensorSpec('fc.bias', (num_classes,), 'params', ('fc', 'bias'), 'vector'))
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the file
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError('Importing a PyTorch checkpoint needs PyTorch, which is not installed. '
+                          f'Install it with:\n  {TORCH_INSTALL_HINT}') from None
+    return torch
+
+
+def load_torch_checkpoint(path: str, trust: bool = False) -> Dict[str, np.ndarray]:
+    """The state dict in ``path`` as float32 NumPy arrays, keys without a ``module.`` prefix.
+
+    ``torch.load(weights_only=True)`` refuses pickled objects other than tensors and plain
+    containers; ``trust=True`` loads such files too (only for files from a source you trust).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'No PyTorch checkpoint at {path!r}.')
+    torch = _import_torch()
+    try:
+        loaded = torch.load(path, map_location='cpu', weights_only=not trust)
+    except Exception as error:  # torch raises UnpicklingError / RuntimeError for these
+        if trust:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f'torch.load could not read {path!r} with weights_only=True ({reason}). '
+                         'If the file holds more than tensors and plain containers and comes '
+                         'from a source you trust, pass --trust_checkpoint to load it with full '
+                         'unpickling.') from error
+    return extract_state_dict(loaded, path)
+
+
+def extract_state_dict(loaded: Any, path: str = '<checkpoint>') -> Dict[str, np.ndarray]:
+    """{'state_dict': sd, ...} or a bare sd -> {key: float32 array}, ``module.`` prefixes off."""
+    if isinstance(loaded, dict) and isinstance(loaded.get('state_dict'), dict):
+        state_dict = loaded['state_dict']
+    elif isinstance(loaded, dict) and loaded and all(hasattr(v, 'shape') for v in loaded.values()):
+        state_dict = loaded
+    else:
+        keys = sorted(loaded)[:10] if isinstance(loaded, dict) else None
+        raise ValueError(f'{path!r} holds neither a state dict nor a dict with a "state_dict" '
+                         f'entry (found {type(loaded).__name__}'
+                         + (f' with keys {keys}' if keys is not None else '') + ').')
+    arrays = {}
+    for key, value in state_dict.items():
+        # nn.DataParallel / DistributedDataParallel save their wrapped model under 'module.'.
+        key = key[len('module.'):] if key.startswith('module.') else key
+        if hasattr(value, 'detach'):  # a torch.Tensor
+            value = value.detach().cpu()
+            value = value.float().numpy() if value.is_floating_point() else value.numpy()
+        arrays[key] = np.array(value)  # a copy: Tensor.numpy() shares the tensor's memory
+    return arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion
+
+def guess_arch(state_dict: Dict[str, np.ndarray]) -> Optional[str]:
+    """The WRN-depth-k a state dict most likely holds (for error messages), or None."""
+    try:
+        layers = {int(m.group(1)) for k in state_dict
+                  if (m := re.fullmatch(r'block1\.layer\.(\d+)\..*', k))}
+        width = state_dict['fc.weight'].shape[1] // 64
+        base = state_dict['conv1.weight'].shape[0]
+        if not layers or base != 16:
+            return None
+        return f'WRN-{6 * (max(layers) + 1) + 4}-{width}'
+    except (KeyError, IndexError, AttributeError):
+        return None
+
+
+def _list(keys: Sequence[str], limit: int = 8) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
+
+
+def convert_state_dict(state_dict: Dict[str, np.ndarray], arch: str, num_classes: int,
+                       base_width: int = 16) -> Dict[str, Any]:
+    """The authors' WideResNet state dict -> our {'params', 'batch_stats'} (NumPy float32).
+
+    Raises StateDictMismatchError naming the first tensor whose shape differs from ``arch``'s
+    (name, expected shape, found shape) and every missing or unexpected key.
+    """
+    layout = torch_layout(arch, num_classes, base_width)
+    expected_keys = {spec.torch_key for spec in layout}
+    present = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
+    missing = [spec.torch_key for spec in layout if spec.torch_key not in present]
+    unexpected = [k for k in present if k not in expected_keys]
+    first_mismatch = next(((spec, present[spec.torch_key].shape) for spec in layout
+                           if spec.torch_key in present
+                           and tuple(present[spec.torch_key].shape) != spec.torch_shape), None)
+    if first_mismatch or missing or unexpected:
+        problems = []
+        if first_mismatch:
+            spec, found = first_mismatch
+            problems.append(f'first mismatching tensor {spec.torch_key}: expected shape '
+                            f'{spec.torch_shape}, found {tuple(found)}')
+        if missing:
+            problems.append(f'missing keys: {_list(missing)}')
+        if unexpected:
+            problems.append(f'unexpected keys: {_list(unexpected)}')
+        guess = guess_arch(state_dict)
+        hint = (f' It looks like a {guess}: try --arch={guess}.'
+                if guess and guess != arch else '')
+        raise StateDictMismatchError(
+            f'The checkpoint is not a {arch} with {num_classes} classes (base width {base_width}): '
+            + '; '.join(problems) + '.' + hint)
+
+    variables: Dict[str, Any] = {'params': {}, 'batch_stats': {}}
+    for spec in layout:
+        value = np.asarray(present[spec.torch_key], np.float32)
+        if spec.kind == 'conv':
+            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        elif spec.kind == 'dense_kernel':
+            value = value.T  # [out, in] -> [in, out]
+        node = variables[spec.collection]
+        for name in spec.flax_path[:-1]:
+            node = node.setdefault(name, {})
+        node[spec.flax_path[-1]] = np.ascontiguousarray(value)
+    return variables
+
+
+def check_against_model(variables, arch: str, num_classes: int, base_width: int,
+                        image_shape) -> None:
+    """The converted tree must be exactly what our WideResNet initialises (names and shapes)."""
+    import jax
+    import jax.numpy as jnp
+    from zskt_jax.models import build_wide_resnet
+    model = build_wide_resnet(arch, num_classes, base_width)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1,) + tuple(image_shape)))
+    want = {jax.tree_util.keystr(p): tuple(l.shape)
+            for p, l in jax.tree_util.tree_flatten_with_path(dict(abstract))[0]}
+    have = {jax.tree_util.keystr(p): tuple(np.shape(l))
+            for p, l in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    if want != have:  # a bug in torch_layout, not in the user's file
+        diff = sorted(set(want.items()) ^ set(have.items()))
+        raise AssertionError(f'converted variables do not match {arch}: {diff[:10]}')
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+def default_out(dataset: str, arch: str) -> str:
+    """Where the zero-shot job looks for this teacher by default (common.teacher_dir)."""
+    from zskt_jax import common
+    return os.path.join(common.default_teacher_workdir(dataset, arch), 'teacher')
+
+
+def evaluate_teacher(variables, arch: str, dataset: str, base_width: int = 16,
+                     data_dir: Optional[str] = None, batch_size: int = 500) -> Optional[float]:
+    """Test accuracy of the imported teacher, or None (with a log line) if the dataset is not
+    prepared in ``data_dir``."""
+    from zskt_jax import common, data, parallel
+    from zskt_jax.models import build_wide_resnet
+    info = data.dataset_info(dataset)
+    try:
+        images, labels = data.load_split(dataset, info.test_split, data_dir or None)
+    except data.DatasetNotPreparedError as error:
+        logger.warning('Not evaluated: %s', str(error).splitlines()[0])
+        return None
+    mesh = parallel.make_mesh()
+    model = build_wide_resnet(arch, info.num_classes, base_width, axis_name=parallel.DATA_AXIS)
+    evaluator = common.Evaluator(model, dataset, images, labels, batch_size, mesh)
+    return evaluator(variables)
+
+
+def import_teacher(checkpoint: str, arch: str, dataset: str, out: Optional[str] = None, *,
+                   evaluate: bool = True, data_dir: Optional[str] = None, trust: bool = False,
+                   base_width: int = 16) -> Tuple[str, Dict[str, Any]]:
+    """Convert ``checkpoint`` and write it as a teacher directory; returns (out, meta)."""
+    from zskt_jax import checkpoints, data
+    info = data.dataset_info(dataset)
+    out = out or default_out(dataset, arch)
+    state_dict = load_torch_checkpoint(checkpoint, trust=trust)
+    try:
+        variables = convert_state_dict(state_dict, arch, info.num_classes, base_width)
+    except StateDictMismatchError as error:
+        raise StateDictMismatchError(f'{checkpoint}: {error}') from None
+    check_against_model(variables, arch, info.num_classes, base_width, info.image_shape)
+    meta = {'arch': arch, 'base_width': base_width, 'num_classes': info.num_classes,
+            'image_shape': list(info.image_shape), 'dataset': dataset,
+            'source': f'pytorch:{os.path.abspath(checkpoint)}'}
+    if evaluate:
+        accuracy = evaluate_teacher(variables, arch, dataset, base_width, data_dir)
+        if accuracy is not None:
+            meta['test_accuracy'] = accuracy
+            logger.info('Imported %s test accuracy on %s: %.2f%%', arch, dataset, 100 * accuracy)
+    checkpoints.save_teacher(out, variables, meta)
+    logger.info('Teacher written to %s', os.path.abspath(out))
+    return out, meta
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog='python -m zskt_jax.import_torch',
+        description="Convert the authors' PyTorch WideResNet teacher (last.pth.tar) into a "
+                    'teacher directory for run.py. Needs: ' + TORCH_INSTALL_HINT)
+    parser.add_argument('--checkpoint', required=True,
+                        help="the authors' last.pth.tar (or any torch.save of a WideResNet state "
+                             "dict, bare or under 'state_dict', with or without 'module.')")
+    parser.add_argument('--arch', required=True, help="its architecture, e.g. 'WRN-40-2'")
+    parser.add_argument('--dataset', required=True,
+                        help='the dataset the teacher was trained on: svhn | cifar10 | cifar100 '
+                             '(its number of classes; the split the optional evaluation uses)')
+    parser.add_argument('--out', default=None,
+                        help='teacher directory to write; default runs/teacher_{dataset}_{arch}/'
+                             'teacher, where the zero-shot job looks by default')
+    parser.add_argument('--data_dir', default=None,
+                        help="TFDS data dir for the optional evaluation; default TFDS's own")
+    parser.add_argument('--no_eval', action='store_true',
+                        help='do not measure test accuracy (it is skipped anyway, with a note, '
+                             'when the dataset is not prepared)')
+    parser.add_argument('--trust_checkpoint', action='store_true',
+                        help='allow full unpickling (torch.load weights_only=False) for files '
+                             'that hold more than tensors; only for files you trust')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        out, meta = import_teacher(args.checkpoint, args.arch, args.dataset, args.out,
+                                   evaluate=not args.no_eval, data_dir=args.data_dir,
+                                   trust=args.trust_checkpoint)
+    except (ImportError, FileNotFoundError, ValueError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 1
+    accuracy = meta.get('test_accuracy')
+    print(f'{args.arch} teacher for {args.dataset} written to {out}'
+          + (f' (test accuracy {100 * accuracy:.2f}%)' if accuracy is not None else ''))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
