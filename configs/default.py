@@ -42,6 +42,7 @@ def get_config():
     config.keep_checkpoints = 3       # most recent checkpoints kept
     config.resume_fallback = False    # if the latest checkpoint is unreadable, use the previous one
     config.stop_after_iterations = 0  # >0: checkpoint and stop after this many iterations of a run
-    config.compute_dtype = 'float32'  # activations dtype: float32 | bfloat16
+    config.compute_dtype = 'float32'  # activations dtype: float32 | bfloat16 (params, Adam, losses stay f32)
+    config.num_seeds = 1              # >1: that many generator/student pairs (seeds seed..seed+k-1) in one program
     config.update_loop = 'auto'       # n_g/n_s updates as: scan | unroll | auto (unroll on CPU)
     return config

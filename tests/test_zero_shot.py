@@ -114,10 +114,8 @@ def test_scan_and_unrolled_updates_agree(setup):
     for mode in ('scan', 'unroll'):
         c = config.copy_and_resolve_references()
         c.update_loop = mode
+        c.adam_eps = 1e-3  # see test_seeds_and_precision: keeps zero-gradient elements still
         outputs.append(make_iteration_fn(models, c, mesh)(generator, student, teacher_variables,
                                                           z_key))
     for a, b in zip(jax.tree.leaves(outputs[0][:2]), jax.tree.leaves(outputs[1][:2])):
-        # Float reassociation differs between the two programs and Adam, which normalises
-        # small gradients, amplifies it; a wrong update order would differ by whole Adam steps
-        # (lr 2e-3 each), twenty times this tolerance.
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-4)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -160,17 +160,26 @@ def make_iteration_fn(models: Models, config, mesh) -> Callable:
     """The compiled iteration: (generator, student, teacher_variables, z_key) -> (gen, stu, metrics).
 
     jit(shard_map(body)): states and the teacher replicated, the z batch sharded over ``data``.
+    With ``config.num_seeds = k > 1`` the states, keys and metrics carry a leading seed axis and
+    the body is vmapped over it: k independent generator/student pairs, one teacher, one program.
     """
     body = make_iteration_body(
         models, n_generator_steps=config.n_g, n_student_steps=config.n_s, beta=config.beta,
         num_iterations=config.num_iterations, generator_lr=config.generator_lr,
         student_lr=config.student_lr, unroll=use_unrolled_loops(config))
-    sharded = data_parallel(body, mesh, in_specs=(P(), P(), P(), P(DATA_AXIS)),
+    draw = functools.partial(draw_z, batch_size=config.batch_size, z_dim=config.generator.z_dim)
+    if num_seeds(config) == 1:
+        z_spec = P(DATA_AXIS)                                     # z: [B, z_dim]
+    else:
+        body = jax.vmap(body, in_axes=(0, 0, None, 0))
+        draw = jax.vmap(draw)
+        z_spec = P(None, DATA_AXIS)                               # z: [seeds, B, z_dim]
+    sharded = data_parallel(body, mesh, in_specs=(P(), P(), P(), z_spec),
                             out_specs=(P(), P(), P()))
 
     @jax.jit
     def iteration_fn(generator, student, teacher_variables, z_key):
-        z = draw_z(z_key, student.step, config.batch_size, config.generator.z_dim)
+        z = draw(z_key, student.step)
         return sharded(generator, student, teacher_variables, z)
 
     return iteration_fn
@@ -187,19 +196,42 @@ class NonFiniteLossError(FloatingPointError):
 RESUME_FIELDS = ('dataset', 'teacher.arch', 'teacher.base_width', 'student.arch',
                  'student.base_width', 'generator.z_dim', 'generator.hidden', 'num_iterations',
                  'batch_size', 'n_g', 'n_s', 'generator_lr', 'student_lr', 'adam_b1', 'adam_b2',
-                 'adam_eps', 'grad_clip', 'beta', 'seed', 'compute_dtype')
+                 'adam_eps', 'grad_clip', 'beta', 'seed', 'compute_dtype', 'num_seeds')
+
+
+def num_seeds(config) -> int:
+    k = config.get('num_seeds', 1)
+    if k < 1:
+        raise ValueError(f'config.num_seeds = {k}; it must be at least 1')
+    return k
+
+
+def seeds_of(config):
+    """The seeds a run trains: config.seed, config.seed + 1, ..., one per generator/student pair."""
+    return [config.seed + i for i in range(num_seeds(config))]
 
 
 def create_states(config, models: Models, mesh):
-    """Fresh generator and student states (replicated), and the key of the z stream."""
+    """Fresh generator and student states (replicated), and the key of the z stream.
+
+    Seed s gives the same states and z stream whether it is trained alone or among
+    ``num_seeds`` pairs (then stacked along a leading seed axis).
+    """
     from zskt_jax import data, parallel
     from zskt_jax.state import adam, create_state
     info = data.dataset_info(config.dataset)
-    generator_key, student_key, z_key = jax.random.split(jax.random.key(config.seed), 3)
-    tx = lambda: adam(config.grad_clip, config.adam_b1, config.adam_b2, config.adam_eps)
-    generator = create_state(models.generator, generator_key,
-                             jnp.zeros((2, config.generator.z_dim)), tx())
-    student = create_state(models.student, student_key, jnp.zeros((2,) + info.image_shape), tx())
+    tx = adam(config.grad_clip, config.adam_b1, config.adam_b2, config.adam_eps)
+
+    def for_seed(seed):
+        generator_key, student_key, z_key = jax.random.split(jax.random.key(seed), 3)
+        generator = create_state(models.generator, generator_key,
+                                 jnp.zeros((2, config.generator.z_dim)), tx)
+        student = create_state(models.student, student_key, jnp.zeros((2,) + info.image_shape), tx)
+        return generator, student, z_key
+
+    per_seed = [for_seed(seed) for seed in seeds_of(config)]
+    generator, student, z_key = per_seed[0] if len(per_seed) == 1 else jax.tree.map(
+        lambda *xs: jnp.stack(xs), *per_seed)
     generator, student = parallel.replicate((generator, student), mesh)
     return generator, student, z_key
 
@@ -275,19 +307,31 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     draw_samples = jax.jit(lambda g: models.generator.apply(
         {'params': g.params, 'batch_stats': g.batch_stats}, sample_z, train=False))
 
+    seeds = seeds_of(config)
+    seed_slice = (lambda tree, i: tree) if len(seeds) == 1 else (
+        lambda tree, i: jax.tree.map(lambda x: x[i], tree))
+
     def evaluate(iteration, generator, student):
-        accuracy = evaluator({'params': student.params, 'batch_stats': student.batch_stats})
-        elapsed = time.time() - start_time
-        history.append({'iteration': iteration, 'student_accuracy': accuracy,
-                        'wall_time_s': elapsed})
-        writer.scalars(iteration, {'eval/student_accuracy': accuracy,
-                                   'eval/teacher_accuracy': teacher_accuracy,
-                                   'eval/wall_time_s': elapsed})
+        accuracies = [evaluator({'params': seed_slice(student.params, i),
+                                 'batch_stats': seed_slice(student.batch_stats, i)})
+                      for i in range(len(seeds))]
+        accuracy = float(np.mean(accuracies))
+        elapsed = time.time() - start_time  # time to accuracy
+        entry = {'iteration': iteration, 'student_accuracy': accuracy, 'wall_time_s': elapsed}
+        scalars = {'eval/student_accuracy': accuracy, 'eval/teacher_accuracy': teacher_accuracy,
+                   'eval/wall_time_s': elapsed}
+        if len(seeds) > 1:
+            entry['student_accuracy_per_seed'] = accuracies
+            scalars.update({f'eval/student_accuracy_seed{s}': a for s, a in zip(seeds, accuracies)})
+        history.append(entry)
+        writer.scalars(iteration, scalars)
         writer.image(iteration, 'generated', reporting.image_grid(
-            np.asarray(jax.device_get(draw_samples(generator))), info.mean, info.std))
+            np.asarray(jax.device_get(draw_samples(seed_slice(generator, 0)))), info.mean,
+            info.std))
         writer.flush()
-        logger.info('[%d/%d] student test accuracy %.2f%% (teacher %.2f%%)', iteration,
-                    config.num_iterations, 100 * accuracy, 100 * teacher_accuracy)
+        logger.info('[%d/%d] student test accuracy %s (teacher %.2f%%)', iteration,
+                    config.num_iterations, ', '.join(f'{100 * a:.2f}%' for a in accuracies),
+                    100 * teacher_accuracy)
         return accuracy
 
     progress = reporting.Progress(start_iteration, config.num_iterations)
@@ -298,8 +342,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         for iteration in range(start_iteration, config.num_iterations):
             new_generator, new_student, step_metrics = iteration_fn(generator, student,
                                                                     teacher_variables, z_key)
-            step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()
-                            if np.ndim(v) == 0}
+            # One scalar per seed; with several seeds the logged value is their mean (a NaN in
+            # any seed makes it NaN).
+            step_metrics = {k: float(np.mean(v)) for k, v in jax.device_get(step_metrics).items()
+                            if np.ndim(v) == np.ndim(step_metrics['kl'])}
             if not _is_finite(step_metrics):
                 # Keep the last good states: the iteration that produced non-finite values is
                 # dropped, its predecessor saved.
@@ -339,17 +385,22 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     results = {
         'job': 'zero_shot',
         # The FINAL iterate is the reported result (REFERENCE.md, "Evaluation"), not the best.
-        'student_accuracy': history[-1]['student_accuracy'],
+        'student_accuracy': history[-1]['student_accuracy'],  # mean over seeds
         'teacher_accuracy': teacher_accuracy,
         'iterations': config.num_iterations,
         'wall_time_s': time.time() - start_time,
         'history': history,
         'final_train_metrics': metrics,
+        'seeds': seeds,
         'teacher_path': os.path.abspath(common.teacher_dir(config)),
         'devices': jax.device_count(),
         'backend': jax.default_backend(),
         'config': config_dict,
     }
+    if len(seeds) > 1:
+        per_seed = history[-1]['student_accuracy_per_seed']
+        results['student_accuracy_per_seed'] = per_seed
+        results['student_accuracy_std'] = float(np.std(per_seed))  # population std (ddof=0)
     path = reporting.write_results(workdir, results, active=is_main)
     if path:
         logger.info('Student %.2f%%, teacher %.2f%% (%.1f%% of the teacher); results in %s',

@@ -1,0 +1,89 @@
+"""benchmarks/: the iteration benchmark runs end to end (JAX and the PyTorch baseline) and prints
+what it promises; the baseline's networks are the paper's. Speed is never asserted (DESIGN.md)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+BENCHMARKS = os.path.join(ROOT, 'benchmarks')
+
+
+def test_quick_benchmark_prints_both_frameworks_and_the_ratio(tmp_path):
+    pytest.importorskip('torch')
+    json_out = tmp_path / 'iteration.json'
+    result = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, 'iteration.py'), '--quick',
+         '--json_out', str(json_out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    # One s/it, images/s, FLOP/it and peak-memory line per framework.
+    assert len(re.findall(r'^  s/it: \d+\.\d+ \(median of 2;', out, re.M)) == 2, out
+    assert len(re.findall(r'^  images/s: \d+\.\d+$', out, re.M)) == 2, out
+    assert len(re.findall(r'^  FLOP/it: \d+\.\d+ [GT]FLOP \(', out, re.M)) == 2, out
+    assert len(re.findall(r'^  FLOP/s: \d+\.\d+ GFLOP/s', out, re.M)) == 2, out
+    assert len(re.findall(r'^  peak memory: \d+\.\d+ GiB \(', out, re.M)) == 2, out
+    assert 'images/s = generated images consumed per second' in out
+    assert re.search(r'^ratio: JAX speed-up over PyTorch = \d+\.\d+x', out, re.M), out
+    assert re.search(r'^FLOP ratio: PyTorch / JAX = \d+\.\d+x', out, re.M), out
+
+    report = json.loads(json_out.read_text())
+    assert report['images_per_iteration'] == 16 * (1 + 2)  # batch 16, n_g 1, n_s 2 (--quick)
+    for framework in ('jax', 'torch'):
+        assert len(report[framework]['times_s']) == 2
+        assert report[framework]['flops_per_iteration'] > 0
+    assert report['jax']['metrics_finite']
+    # The authors' iteration does more work than ours: the generator is re-run (and
+    # back-propagated through) at every update, and teacher weight gradients are taken.
+    assert report['torch']['flops_per_iteration'] > report['jax']['flops_per_iteration']
+
+
+def test_torch_baseline_networks_have_the_papers_parameter_counts():
+    pytest.importorskip('torch')
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import torch_baseline
+    finally:
+        sys.path.remove(BENCHMARKS)
+    # REFERENCE.md, "WideResNet" and "Generator".
+    expected = {'WRN-16-1': 175_066, 'WRN-16-2': 691_674, 'WRN-40-1': 563_930,
+                'WRN-40-2': 2_243_546}
+    for arch, count in expected.items():
+        assert torch_baseline.count_parameters(torch_baseline.build_wide_resnet(arch)) == count
+    assert torch_baseline.count_parameters(torch_baseline.Generator()) == 1_051_145
+
+
+def test_torch_baseline_keeps_the_authors_extra_work():
+    """The costs REFERENCE.md lists: teacher weights get gradients in the generator update, the
+    student updates back-propagate into the generator, the teacher runs once for them."""
+    torch = pytest.importorskip('torch')
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import torch_baseline
+    finally:
+        sys.path.remove(BENCHMARKS)
+    torch.set_num_threads(1)
+    iteration = torch_baseline.AuthorsIteration(
+        'WRN-10-1', 'WRN-10-1', base_width=4, batch_size=4, generator_hidden=8, n_g=1, n_s=2)
+    teacher_calls = []
+    iteration.teacher.register_forward_hook(lambda *_: teacher_calls.append(torch.is_grad_enabled()))
+    generator_calls = []
+    iteration.generator.register_forward_hook(lambda *_: generator_calls.append(1))
+    after_generator_step = {}
+    iteration.optimizer_generator.register_step_post_hook(lambda *_: after_generator_step.update(
+        {name: p.grad.clone() for name, p in iteration.generator.named_parameters()}))
+    iteration()
+    assert all(p.requires_grad for p in iteration.teacher.parameters())
+    assert all(p.grad is not None for p in iteration.teacher.parameters())  # never zeroed
+    assert teacher_calls == [True, False]  # generator update with grad, then once under no_grad
+    assert len(generator_calls) == 3  # n_g + n_s generator forwards
+    # The student backwards went through the generator: its gradients changed after its step
+    # (they are left there unused, until the next generator update zeroes them).
+    for name, p in iteration.generator.named_parameters():
+        if name.endswith('weight') and p.dim() > 1:
+            assert not torch.equal(p.grad, after_generator_step[name]), name

@@ -1,0 +1,82 @@
+"""Several seeds in one program (vmap) and the bfloat16 compute path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zskt_jax import parallel
+from zskt_jax.models import Generator, build_wide_resnet
+from zskt_jax.parallel import DATA_AXIS
+from zskt_jax.zero_shot import Models, create_states, make_iteration_fn
+
+from conftest import tiny_zero_shot_config
+
+
+def tiny(num_seeds=1, seed=0, dtype=jnp.float32, compute_dtype='float32'):
+    config = tiny_zero_shot_config('', '')
+    config.num_iterations = 10
+    config.num_seeds = num_seeds
+    config.seed = seed
+    config.compute_dtype = compute_dtype
+    # Adam normalises each gradient element: one whose true gradient is zero (a bias before a
+    # BatchNorm) but whose float value is 1e-9 of either sign gets a full +-lr step, so two
+    # correct programs that sum in another order can differ by whole steps there. A larger eps
+    # keeps such elements still and lets the comparison below be tight.
+    config.adam_eps = 1e-3
+    models = Models(generator=Generator(hidden=8, axis_name=DATA_AXIS, dtype=dtype),
+                    student=build_wide_resnet('WRN-10-1', 10, 4, axis_name=DATA_AXIS, dtype=dtype),
+                    teacher=build_wide_resnet('WRN-10-1', 10, 4, axis_name=DATA_AXIS, dtype=dtype))
+    return config, models
+
+
+@pytest.fixture(scope='module')
+def teacher_variables():
+    _, models = tiny()
+    variables = jax.jit(models.teacher.init)(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))
+    variables['params']['fc']['kernel'] = variables['params']['fc']['kernel'] * 20
+    return variables
+
+
+def run(config, models, teacher_variables, iterations=2):
+    mesh = parallel.make_mesh()
+    generator, student, z_key = create_states(config, models, mesh)
+    step = make_iteration_fn(models, config, mesh)
+    for _ in range(iterations):
+        generator, student, metrics = step(generator, student, teacher_variables, z_key)
+    return generator, student, metrics
+
+
+def test_two_seeds_in_one_program_equal_two_single_seed_runs(teacher_variables):
+    config, models = tiny(num_seeds=2)
+    generator, student, metrics = run(config, models, teacher_variables)
+    assert metrics['kl'].shape == (2,)
+    for i in range(2):
+        config_i, _ = tiny(seed=i)
+        generator_i, student_i, metrics_i = run(config_i, models, teacher_variables)
+        for batched, single in ((generator, generator_i), (student, student_i)):
+            for a, b in zip(jax.tree.leaves(batched.state_dict()),
+                            jax.tree.leaves(single.state_dict())):
+                # vmap batches the convolutions, which changes float summation order only.
+                np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(metrics['student_loss'][i], metrics_i['student_loss'],
+                                   rtol=1e-5)
+    # The pairs really are independent: different seeds, different students.
+    assert not np.allclose(np.asarray(jax.tree.leaves(student.params)[0])[0],
+                           np.asarray(jax.tree.leaves(student.params)[0])[1])
+
+
+def test_bfloat16_runs_and_keeps_float32_parameters_and_optimizer_state(teacher_variables):
+    config, models = tiny(dtype=jnp.bfloat16, compute_dtype='bfloat16')
+    generator, student, metrics = run(config, models, teacher_variables, iterations=1)
+    for state in (generator, student):
+        for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state)):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                assert leaf.dtype == jnp.float32
+    assert all(np.isfinite(float(v)) for k, v in metrics.items() if np.ndim(v) == 0)
+    assert metrics['kl'].dtype == jnp.float32
+
+    # The activations really are bf16.
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = {'params': student.params, 'batch_stats': student.batch_stats}
+    _, groups = models.student.apply(variables, x)
+    assert all(g.dtype == jnp.bfloat16 for g in groups)
