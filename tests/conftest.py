@@ -43,8 +43,9 @@ def write_teacher(path: str, arch='WRN-10-1', base_width=4, num_classes=10, seed
                   image_shape=(32, 32, 3), dataset='digits'):
     """A freshly initialised (untrained) teacher in the format the jobs load."""
     from zskt_jax.models import build_wide_resnet
+    from zskt_jax.state import init_variables
     model = build_wide_resnet(arch, num_classes, base_width)
-    variables = model.init(jax.random.key(seed), jnp.zeros((1,) + tuple(image_shape)))
+    variables = init_variables(model, jax.random.key(seed), jnp.zeros((1,) + tuple(image_shape)))
     checkpoints.save_teacher(path, variables, {
         'arch': arch, 'base_width': base_width, 'num_classes': num_classes,
         'image_shape': list(image_shape), 'dataset': dataset, 'source': 'test'})

@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from zskt_jax.state import init_variables
+
 from zskt_jax.models import Generator, build_wide_resnet, parse_arch
 
 
@@ -34,8 +36,8 @@ def test_wide_resnet_outputs_and_group_shapes():
 
 def test_wide_resnet_init_statistics():
     """Convs N(0, sqrt(2 / (k*k*out))) (He, fan-out); BN scale 1, bias 0; FC bias 0."""
-    variables = jax.jit(build_wide_resnet('WRN-16-1', 10).init)(jax.random.key(0),
-                                                                jnp.zeros((1, 32, 32, 3)))
+    variables = init_variables(build_wide_resnet('WRN-16-1', 10), jax.random.key(0),
+                               jnp.zeros((1, 32, 32, 3)))
     kernel = np.asarray(variables['params']['block3_layer_1']['conv2']['kernel'])  # 3x3x64x64
     assert kernel.shape == (3, 3, 64, 64)
     assert abs(kernel.std() - np.sqrt(2 / (9 * 64))) < 0.02 * np.sqrt(2 / (9 * 64))
@@ -46,7 +48,7 @@ def test_wide_resnet_init_statistics():
 
 def test_generator_output_is_batch_normalised():
     generator = Generator()
-    variables = jax.jit(generator.init)(jax.random.key(0), jnp.zeros((1, 100)))
+    variables = init_variables(generator, jax.random.key(0), jnp.zeros((1, 100)))
     z = jax.random.normal(jax.random.key(1), (64, 100))
     images, _ = jax.jit(lambda v, z: generator.apply(v, z, train=True, mutable=['batch_stats']))(
         variables, z)

@@ -56,9 +56,18 @@ def sgd(momentum: float, weight_decay: float, nesterov: bool = False):
                        optax.trace(decay=momentum, nesterov=nesterov))
 
 
+def init_variables(module, init_key, sample_input, **apply_kwargs):
+    """``module.init`` compiled once without XLA's backend optimisations: initialisation runs a
+    single time, and on a 2-core CPU this takes 5 s instead of 20 s eagerly or 28 s optimised
+    (WRN-16-1). The values are the same draws up to float rounding of the distributions."""
+    init = jax.jit(lambda key, x: module.init(key, x, **apply_kwargs),
+                   compiler_options={'xla_backend_optimization_level': 0})
+    return init(init_key, sample_input)
+
+
 def create_state(module, init_key, sample_input, tx, **apply_kwargs) -> TrainState:
     """Initialise ``module`` on ``sample_input`` and wrap it with a fresh optimizer state."""
-    variables = module.init(init_key, sample_input, **apply_kwargs)
+    variables = init_variables(module, init_key, sample_input, **apply_kwargs)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),

@@ -1,0 +1,27 @@
+"""Few-shot KD+AT on the offline digits data: the networks of configs/digits.py (its teacher, its
+student) and the SGD recipe of configs/teacher_digits.py; M = 10 images per class.
+
+    python run.py --config=configs/few_shot_digits.py --workdir=runs/few_shot_digits
+"""
+from configs import digits, few_shot_default, teacher_digits
+
+
+def get_config():
+    config = few_shot_default.get_config()
+    zero_shot = digits.get_config()
+    sgd = teacher_digits.get_config()
+    config.dataset = 'digits'
+    for section in ('teacher', 'student'):
+        for field in ('arch', 'base_width'):
+            config[section][field] = zero_shot[section][field]
+    config.teacher.checkpoint = zero_shot.teacher.checkpoint
+    config.images_per_class = 10
+    config.full_data_epochs = sgd.epochs  # 30 x (1,437 // 64) = 660 iterations
+    config.batch_size = sgd.batch_size
+    config.learning_rate = sgd.learning_rate
+    config.augment = sgd.augment
+    config.eval_batch_size = 360
+    config.eval_every = 66            # 10 evaluations
+    config.log_every = 22
+    config.checkpoint_every = 220
+    return config
