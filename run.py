@@ -2,7 +2,13 @@
 
 Parses flags, starts JAX (multi-host where asked), picks the job from ``config.job`` and hands it
 ``(config, workdir)``. Everything else lives in ``zskt_jax``.
+
+Several processes (a TPU pod slice, several GPU hosts): run the same command on every host. On a
+TPU VM JAX finds the other workers itself; elsewhere pass --coordinator_address, --num_processes
+and --process_id (or ZSKT_COORDINATOR_ADDRESS, ZSKT_NUM_PROCESSES, ZSKT_PROCESS_ID), or
+--distributed=on where JAX detects the cluster (SLURM, Open MPI, Kubernetes). See docs/parallel.md.
 """
+import glob
 import logging
 import os
 import sys
@@ -14,6 +20,15 @@ config_flags.DEFINE_config_file('config', None, 'A configs/*.py file; override f
                                 '--config.FIELD=VALUE.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Output directory (checkpoints, TensorBoard, results.json). '
                     'Default: runs/<config file name>.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 in a multi-process run '
+                    '(env ZSKT_COORDINATOR_ADDRESS). Not needed on a TPU VM.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run '
+                     '(env ZSKT_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 '
+                     '(env ZSKT_PROCESS_ID).')
+flags.DEFINE_enum('distributed', None, ['auto', 'on', 'off'], 'Call jax.distributed.initialize(): '
+                  'auto (default; env ZSKT_DISTRIBUTED) when the three settings above are given or '
+                  'on a TPU VM; on: always (JAX detects SLURM, Open MPI, Kubernetes, TPU); off: never.')
 FLAGS = flags.FLAGS
 
 # config.job -> the module whose train_and_evaluate(config, workdir) runs it.
@@ -63,8 +78,70 @@ def train_teacher_if_missing(config):
     run_job(teacher_config, workdir)
 
 
+def running_on_tpu_vm() -> bool:
+    """TPU chips attached to this machine (read from /sys and /dev; starts no backend)."""
+    try:
+        from jax._src import hardware_utils
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001 - a private helper; fall back to the device files
+        return bool(glob.glob('/dev/accel[0-9]*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def distributed_settings(coordinator_address=None, num_processes=None, process_id=None,
+                         mode=None, environ=None, on_tpu_vm=None):
+    """The keyword arguments of ``jax.distributed.initialize``, or None for a single process.
+
+    Flags win over the environment (ZSKT_COORDINATOR_ADDRESS, ZSKT_NUM_PROCESSES,
+    ZSKT_PROCESS_ID, ZSKT_DISTRIBUTED); settings left out are detected by JAX on the clusters it
+    knows (TPU VMs, SLURM, Open MPI, Kubernetes).
+    """
+    environ = os.environ if environ is None else environ
+    mode = mode or environ.get('ZSKT_DISTRIBUTED', 'auto')
+    if mode not in ('auto', 'on', 'off'):
+        raise ValueError(f"ZSKT_DISTRIBUTED = {mode!r}; choose 'auto', 'on' or 'off'")
+    if mode == 'off':
+        return None
+
+    def setting(value, name, kind):
+        if value is None and environ.get(name, '') != '':
+            try:
+                value = kind(environ[name])
+            except ValueError:
+                raise ValueError(f'{name} = {environ[name]!r} is not a valid {kind.__name__}') from None
+        return value
+
+    settings = {'coordinator_address': setting(coordinator_address, 'ZSKT_COORDINATOR_ADDRESS', str),
+                'num_processes': setting(num_processes, 'ZSKT_NUM_PROCESSES', int),
+                'process_id': setting(process_id, 'ZSKT_PROCESS_ID', int)}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if settings or mode == 'on':
+        return settings
+    if on_tpu_vm if on_tpu_vm is not None else running_on_tpu_vm():
+        return {}  # a TPU VM, one host or a pod slice: JAX reads the topology from the VM
+    return None
+
+
+def start_distributed(settings) -> None:
+    """``jax.distributed.initialize`` (before anything starts a JAX backend), or nothing."""
+    if settings is None:
+        return
+    import jax
+    try:
+        jax.distributed.initialize(**settings)
+    except ValueError as error:
+        raise app.UsageError(
+            f'Could not start the multi-process run with {settings or "no settings"} ({error}). '
+            'Outside a TPU VM or a cluster that JAX detects, pass all of --coordinator_address='
+            'HOST:PORT (process 0\'s address), --num_processes=N and --process_id=I on every '
+            'process, or --distributed=off for a single-process run.') from error
+
+
 def setup_logging():
-    """Our progress lines on stdout; the libraries' INFO chatter (Orbax, TFDS) off."""
+    """Our progress lines on stdout; the libraries' INFO chatter (Orbax, TFDS) off.
+
+    With several processes only process 0 reports progress; the others log warnings and errors.
+    """
+    import jax
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     logger = logging.getLogger('zskt_jax')
@@ -72,22 +149,26 @@ def setup_logging():
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logger.propagate = False
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    start_distributed(distributed_settings(FLAGS.coordinator_address, FLAGS.num_processes,
+                                           FLAGS.process_id, FLAGS.distributed))
     setup_logging()
     config = FLAGS.config
     workdir = FLAGS.workdir or default_workdir(config, config_flags.get_config_filename(FLAGS['config']))
-    if config.job == 'zero_shot':
+    if config.job in ('zero_shot', 'few_shot'):
         train_teacher_if_missing(config)
     results = run_job(config, workdir)
-    if results:
-        summary = {k: v for k, v in results.items() if k.endswith('accuracy')}
-        print(' '.join(f'{k}={100 * v:.2f}%' for k, v in summary.items()))
+    import jax
+    if results and jax.process_index() == 0:
+        summary = [f'{k}={100 * v:.2f}%' for k, v in results.items() if k.endswith('accuracy')]
+        summary += [f'mte={results["mte"]:.4f}'] if 'mte' in results else []
+        print(' '.join(summary))
 
 
 def check_overrides(argv) -> None:

@@ -4,7 +4,7 @@ import ml_collections
 
 def get_config():
     config = ml_collections.ConfigDict()
-    config.job = 'zero_shot'          # zero_shot | teacher
+    config.job = 'zero_shot'          # zero_shot | teacher | few_shot | belief
     config.seed = 0                   # parameter init and z stream
     config.dataset = 'svhn'           # evaluation data (digits | svhn | cifar10 | cifar100)
     config.data_dir = ''              # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets)

@@ -20,6 +20,7 @@ def get_config():
     config.teacher.arch = zero_shot.teacher.arch
     config.teacher.base_width = zero_shot.teacher.base_width
     config.teacher.checkpoint = ''    # teacher directory; '' = runs/teacher_{dataset}_{arch}/teacher
+    config.teacher.recipe = ''        # a teacher config file run first when the teacher is missing
     config.student = ml_collections.ConfigDict()
     config.student.arch = zero_shot.student.arch
     config.student.base_width = zero_shot.student.base_width

@@ -15,6 +15,7 @@ def get_config():
         for field in ('arch', 'base_width'):
             config[section][field] = zero_shot[section][field]
     config.teacher.checkpoint = zero_shot.teacher.checkpoint
+    config.teacher.recipe = zero_shot.teacher.recipe
     config.images_per_class = 10
     config.full_data_epochs = sgd.epochs  # 30 x (1,437 // 64) = 660 iterations
     config.batch_size = sgd.batch_size

@@ -7,7 +7,7 @@ import pytest
 from zskt_jax import losses, parallel
 from zskt_jax.models import Generator, build_wide_resnet
 from zskt_jax.parallel import DATA_AXIS
-from zskt_jax.state import cosine_learning_rate
+from zskt_jax.state import init_variables, cosine_learning_rate
 from zskt_jax.zero_shot import Models, create_states, draw_z, make_iteration_fn
 
 from conftest import tiny_zero_shot_config
@@ -22,7 +22,7 @@ def setup():
                     student=build_wide_resnet('WRN-10-1', 10, 4, axis_name=DATA_AXIS),
                     teacher=build_wide_resnet('WRN-10-1', 10, 8, axis_name=DATA_AXIS))
     mesh = parallel.make_mesh()
-    teacher_variables = jax.jit(models.teacher.init)(jax.random.key(42), jnp.zeros((1, 32, 32, 3)))
+    teacher_variables = init_variables(models.teacher, jax.random.key(42), jnp.zeros((1, 32, 32, 3)))
     # A teacher with confident, non-uniform beliefs (an untrained one is nearly uniform).
     teacher_variables['params']['fc']['kernel'] = teacher_variables['params']['fc']['kernel'] * 20
     teacher_variables = parallel.replicate(teacher_variables, mesh)
@@ -109,13 +109,16 @@ def test_cosine_schedule_is_stepped_once_per_iteration(setup):
 
 
 def test_scan_and_unrolled_updates_agree(setup):
-    config, models, mesh, teacher_variables, generator, student, z_key = setup
+    config, models, mesh, teacher_variables, _, _, _ = setup
     outputs = []
     for mode in ('scan', 'unroll'):
         c = config.copy_and_resolve_references()
         c.update_loop = mode
         c.adam_eps = 1e-3  # see test_seeds_and_precision: keeps zero-gradient elements still
+        generator, student, z_key = create_states(c, models, mesh)
         outputs.append(make_iteration_fn(models, c, mesh)(generator, student, teacher_variables,
                                                           z_key))
     for a, b in zip(jax.tree.leaves(outputs[0][:2]), jax.tree.leaves(outputs[1][:2])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        # Another summation order only: far below one Adam step (lr 2e-3) that a wrong update
+        # order would change.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)

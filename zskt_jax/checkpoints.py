@@ -177,3 +177,25 @@ def restore_latest(run_checkpoints: RunCheckpoints, target: Dict[str, Any], conf
             os.replace(location, aside)
         run_checkpoints.manager.reload()
     return None, None, None
+
+
+def same_teacher_as(teacher_meta: Dict[str, Any], teacher_path: str):
+    """A ``validate_meta`` for restore_latest: the run must continue with the teacher it began
+    with (compared by checksum of its variables)."""
+    def validate(meta):
+        if meta.get('teacher_checksum') != teacher_meta['checksum']:
+            raise CheckpointMismatchError(
+                f'The teacher at {teacher_path} is not the one this run started '
+                f"with (checksum {teacher_meta['checksum'][:12]}..., recorded "
+                f"{str(meta.get('teacher_checksum'))[:12]}... for {meta.get('teacher_path')}).")
+    return validate
+
+
+def stopped(job: str, run_checkpoints: RunCheckpoints, step: int, what: str = 'iteration'):
+    """Report a clean stop (preemption or stop_after): where the checkpoint is, how to go on."""
+    import logging
+    location = f'{run_checkpoints.directory}/{step}'
+    logging.getLogger('zskt_jax').info(
+        'Stopped after %s %d; checkpoint written to %s. Rerun the same command to continue.',
+        what, step, location)
+    return {'job': job, 'stopped_at': step, 'checkpoint': location}

@@ -55,9 +55,12 @@ def load_teacher_for(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     path = teacher_dir(config)
     info = data.dataset_info(config.dataset)
     hint = (f'python run.py --config=configs/teacher_{config.dataset}.py '
-            f'--config.teacher.arch={config.teacher.arch} --workdir={os.path.dirname(os.path.abspath(path))}'
-            f'\n(or import the authors\' PyTorch teacher, see the README), or point '
-            f'--config.teacher.checkpoint at an existing teacher directory.')
+            f'--config.teacher.arch={config.teacher.arch} '
+            f'--workdir={os.path.dirname(os.path.abspath(path))}\n'
+            f'or import the authors\' PyTorch teacher:\n  python -m zskt_jax.import_torch '
+            f'--checkpoint=.../last.pth.tar --arch={config.teacher.arch} '
+            f'--dataset={config.dataset} --out={os.path.abspath(path)}\n'
+            'or point --config.teacher.checkpoint at an existing teacher directory.')
     variables, meta = checkpoints.load_teacher(path, make_hint=hint)
     checkpoints.check_teacher(meta, num_classes=info.num_classes, image_shape=info.image_shape,
                               teacher_arch=config.teacher.arch,
@@ -65,22 +68,57 @@ def load_teacher_for(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return variables, meta
 
 
+def load_split(config, split: str):
+    """A whole split, identical on every process (e.g. training data, from which every process
+    takes its rows of each global batch)."""
+    return data.load_split(config.dataset, split, config.data_dir or None)
+
+
 def load_eval_split(config, split: str = None):
-    info = data.dataset_info(config.dataset)
-    images, labels = data.load_split(config.dataset, split or info.test_split,
-                                     config.data_dir or None)
-    return images, labels
+    """This process's share of an evaluation split (default: the test split): all of it in a
+    single-process run; with several processes the contiguous ``data.shard_indices`` slice, read
+    alone (a TFDS slice), so that no host reads the whole split. ``Evaluator`` combines the
+    shares exactly."""
+    split = split or data.dataset_info(config.dataset).test_split
+    process_count, process_index = jax.process_count(), jax.process_index()
+    if process_count == 1:
+        return load_split(config, split)
+    if not split.isidentifier():
+        # Already a TFDS slice ('test[:1000]'): read it, then keep this process's share.
+        images, labels = load_split(config, split)
+        share = data.shard_indices(len(labels), process_index, process_count)
+        return images[share], labels[share]
+    share = data.shard_indices(_split_size(config, split), process_index, process_count)
+    return load_split(config, f'{split}[{share.start}:{share.stop}]')
+
+
+def _split_size(config, split: str) -> int:
+    import tensorflow_datasets as tfds
+    spec = data.dataset_info(config.dataset)
+    builder = tfds.builder(spec.tfds_name, data_dir=config.data_dir or None)
+    if not builder.is_prepared():
+        data.load_split(config.dataset, split, config.data_dir or None)  # prepares, or explains
+        builder = tfds.builder(spec.tfds_name, data_dir=config.data_dir or None)
+    if split not in builder.info.splits:
+        data.load_split(config.dataset, split, config.data_dir or None)  # names the known splits
+    return builder.info.splits[split].num_examples
 
 
 class Evaluator:
-    """Top-1 accuracy of a WideResNet (inference-mode BN) on a split held in host memory."""
+    """Top-1 accuracy of a WideResNet (inference-mode BN) on a split held in host memory.
+
+    ``images``/``labels``: this process's share (``load_eval_split``). With several processes
+    every process must construct and call the Evaluator together (the evaluation is a collective
+    computation); the accuracy returned is the same exact value on all of them.
+    """
 
     def __init__(self, model, dataset: str, images: np.ndarray, labels: np.ndarray,
                  batch_size: int, mesh):
         self.images, self.labels, self.batch_size, self.mesh = images, labels, batch_size, mesh
         preprocess = lambda x: data.normalize(x, dataset)
         self.accuracy_fn = parallel.make_accuracy_fn(model.apply, preprocess, mesh)
+        self.num_batches = parallel.num_eval_batches(len(labels), batch_size, mesh)
 
     def __call__(self, variables) -> float:
         return parallel.evaluate_accuracy(self.accuracy_fn, variables, self.images, self.labels,
-                                          self.batch_size, self.mesh)
+                                          self.batch_size, self.mesh, self.num_batches)

@@ -179,7 +179,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     student_model = common.build_network(config.student, info.num_classes, config)
     teacher_variables = parallel.replicate(teacher_variables, mesh)
 
-    train_images, train_labels = common.load_eval_split(config, info.train_split)
+    train_images, train_labels = common.load_split(config, info.train_split)
     subset = sample_per_class(train_labels, config.images_per_class, config.seed,
                               info.num_classes)
     # The full-data run's iterations, whatever M (REFERENCE.md).
@@ -198,13 +198,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                                  config.keep_checkpoints)
     config_dict = config.to_dict()
 
-    def same_teacher(meta):
-        if meta.get('teacher_checksum') != teacher_meta['checksum']:
-            raise checkpoints.CheckpointMismatchError(
-                f'The teacher at {common.teacher_dir(config)} is not the one this run started '
-                f"with (checksum {teacher_meta['checksum'][:12]}..., recorded "
-                f"{str(meta.get('teacher_checksum'))[:12]}... for {meta.get('teacher_path')}).")
-
+    same_teacher = checkpoints.same_teacher_as(teacher_meta, common.teacher_dir(config))
     # Resume from the latest checkpoint of this workdir, if any (as zero_shot.py does).
     start_iteration, saved, meta = checkpoints.restore_latest(
         run_checkpoints, {'student': state.state_dict()}, config_dict, RESUME_FIELDS,
@@ -293,10 +287,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     run_checkpoints.close()
     if stopped_at is not None:
         writer.close()
-        location = f'{run_checkpoints.directory}/{stopped_at}'
-        logger.info('Stopped after iteration %d; checkpoint written to %s. Rerun the same command '
-                    'to continue.', stopped_at, location)
-        return {'job': 'few_shot', 'stopped_at': stopped_at, 'checkpoint': location}
+        return checkpoints.stopped('few_shot', run_checkpoints, stopped_at)
     if not history or history[-1]['iteration'] != total_iterations:
         evaluate(total_iterations, state)
     writer.close()

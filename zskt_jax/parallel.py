@@ -1,7 +1,10 @@
 """The device mesh and data-parallel helpers (pmap-style code via jax.jit(jax.shard_map(...))).
 
 One 1-D mesh named ``data`` over every device of every process. States are replicated (``P()``),
-batches are split along their leading axis (``P('data')``).
+batches are split along their leading axis (``P('data')``). With several processes (a TPU pod
+slice, several GPU hosts) every process runs the same program; each holds only its own rows of a
+batch and hands them to JAX with ``jax.make_array_from_process_local_data``, which assembles the
+global array without moving data between hosts.
 """
 import math
 from typing import Callable
@@ -28,19 +31,58 @@ def batch_sharded(mesh):
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def mesh_process_count(mesh) -> int:
+    """How many processes own devices of ``mesh`` (``jax.process_count()`` for the default mesh)."""
+    return len({d.process_index for d in mesh.devices.flat})
+
+
+def _replicate_leaf(x, sharding):
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # Typed PRNG keys have no NumPy form: replicate their raw data and wrap it again.
+        data = _replicate_leaf(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    # Every process holds the same value (same seed, same file): each fills its own devices from
+    # its own copy, with no cross-host transfer and no equality check (``jax.device_put`` of a
+    # host value onto a multi-process sharding runs one collective per leaf to check it).
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def replicate(tree, mesh):
     """Place a host pytree (identical on every process) on every device of the mesh."""
     sharding = replicated(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx])
-        if jax.process_count() > 1 else jax.device_put(x, sharding), tree)
+    return jax.tree.map(lambda x: _replicate_leaf(x, sharding), tree)
 
 
 def check_divisible(batch_size: int, mesh, what: str = 'batch_size'):
+    """A global batch must split evenly over the devices (and hence over the processes)."""
     devices = mesh.devices.size
     if batch_size % devices:
         raise ValueError(f'config.{what} = {batch_size} does not divide evenly across the '
                          f'{devices} devices of the mesh; choose a multiple of {devices}')
+
+
+def process_rows(global_batch_size: int, mesh) -> np.ndarray:
+    """The rows of a ``P('data')``-sharded global batch that this process's devices hold, in
+    increasing order: the indices into the global batch of the host-local batch it must feed.
+
+    With the default mesh these are one contiguous block (``process_index * per_host + ...``);
+    they are read from the sharding so that any device order of the mesh is right.
+    """
+    check_divisible(global_batch_size, mesh)
+    index_map = batch_sharded(mesh).addressable_devices_indices_map((global_batch_size,))
+    blocks = sorted({index[0].indices(global_batch_size)[:2] for index in index_map.values()})
+    return np.concatenate([np.arange(start, stop) for start, stop in blocks])
+
+
+def global_batch(tree, mesh, global_batch_size: int):
+    """Host-local batch rows (a pytree of NumPy arrays whose leading axis is this process's share:
+    ``process_rows``, or any per-host data of that size) -> global arrays sharded over ``data``."""
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding, np.asarray(x), (global_batch_size,) + np.shape(x)[1:]), tree)
 
 
 def data_parallel(per_device: Callable, mesh, in_specs, out_specs):
@@ -74,17 +116,47 @@ def pad_batch(images: np.ndarray, labels: np.ndarray, size: int):
     return images, labels, mask
 
 
+def eval_batch_sizes(batch_size: int, mesh):
+    """(per-process, global) evaluation batch sizes: ``batch_size`` rounded UP so that every
+    device gets the same number of rows; the padding rows are masked, never counted."""
+    processes = mesh_process_count(mesh)
+    local_devices = mesh.devices.size // processes
+    per_process = math.ceil(math.ceil(batch_size / processes) / local_devices) * local_devices
+    return per_process, per_process * processes
+
+
+def num_eval_batches(num_local_examples: int, batch_size: int, mesh) -> int:
+    """Batches every process must run: the most any process needs for its share. Collectives
+    need every process in every step, so a process with a smaller share runs masked batches."""
+    per_process, _ = eval_batch_sizes(batch_size, mesh)
+    local = math.ceil(num_local_examples / per_process)
+    if mesh_process_count(mesh) == 1:
+        return local
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+
 def evaluate_accuracy(accuracy_fn, variables, images: np.ndarray, labels: np.ndarray,
-                      batch_size: int, mesh) -> float:
-    """Top-1 accuracy over a whole split held in host memory (single process)."""
-    devices = mesh.devices.size
-    batch_size = int(math.ceil(batch_size / devices) * devices)
+                      batch_size: int, mesh, num_batches: int = None) -> float:
+    """Top-1 accuracy over a split of which this process holds ``images``/``labels`` (all of it
+    in a single-process run; its ``data.shard_indices`` share with several processes).
+
+    Exact whatever the device and process counts: the correct predictions and the real examples
+    are summed over all devices as integers and divided once; padding is masked out.
+    ``num_batches``: from ``num_eval_batches`` (computed here if not given; with several
+    processes that is a collective, so every process must call this together).
+    """
+    per_process, global_size = eval_batch_sizes(batch_size, mesh)
+    if num_batches is None:
+        num_batches = num_eval_batches(len(labels), batch_size, mesh)
     correct = counted = 0
-    sharding = batch_sharded(mesh)
-    for start in range(0, len(labels), batch_size):
-        batch = pad_batch(images[start:start + batch_size], labels[start:start + batch_size],
-                          batch_size)
-        c, n = accuracy_fn(variables, *(jax.device_put(a, sharding) for a in batch))
+    for b in range(num_batches):
+        start = b * per_process
+        batch = pad_batch(images[start:start + per_process], labels[start:start + per_process],
+                          per_process)
+        c, n = accuracy_fn(variables, *global_batch(batch, mesh, global_size))
         correct += int(c)
         counted += int(n)
+    if counted == 0:
+        raise ValueError('evaluate_accuracy: the evaluation split is empty')
     return correct / counted

@@ -83,7 +83,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.batch_size, mesh)
 
-    train_images, train_labels = common.load_eval_split(config, info.train_split)
+    # Every process holds the whole training split (it draws the same permutation and feeds its
+    # rows of each global batch) but only its share of the test split.
+    train_images, train_labels = common.load_split(config, info.train_split)
     test_images, test_labels = common.load_eval_split(config)
     steps_per_epoch = len(train_labels) // config.batch_size  # the last partial batch is dropped
     if steps_per_epoch == 0:
@@ -112,7 +114,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     evaluator = common.Evaluator(model, config.dataset, test_images, test_labels,
                                  config.eval_batch_size, mesh)
     writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'), active=is_main)
-    sharding = parallel.batch_sharded(mesh)
+    # The rows of each global batch this process feeds (all of them with one process).
+    local_rows = parallel.process_rows(config.batch_size, mesh)
     total_steps = config.epochs * steps_per_epoch
     progress = reporting.Progress(start_step // steps_per_epoch, config.epochs)
     save = lambda step, force=False: run_checkpoints.save(
@@ -124,10 +127,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             epoch_key = jax.random.fold_in(data_key, epoch)
             if order is None or i == 0:
                 order = np.asarray(jax.random.permutation(epoch_key, len(train_labels)))
-            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-            state, metrics = train_step(state, jax.device_put(train_images[idx], sharding),
-                                        jax.device_put(train_labels[idx], sharding),
-                                        jax.random.fold_in(epoch_key, i))
+            idx = order[i * config.batch_size:(i + 1) * config.batch_size][local_rows]
+            images, labels = parallel.global_batch((train_images[idx], train_labels[idx]), mesh,
+                                                   config.batch_size)
+            state, metrics = train_step(state, images, labels, jax.random.fold_in(epoch_key, i))
             done = step + 1
             stop = preemption.requested() or done - start_step == config.get('stop_after_steps', 0)
             if done % steps_per_epoch == 0:
@@ -149,10 +152,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     run_checkpoints.close()
     if stopped_at is not None:
         writer.close()
-        location = f'{run_checkpoints.directory}/{stopped_at}'
-        logger.info('Stopped at step %d (epoch %d); checkpoint written to %s. Rerun the same '
-                    'command to continue.', stopped_at, stopped_at // steps_per_epoch, location)
-        return {'job': 'teacher', 'stopped_at': stopped_at, 'checkpoint': location}
+        return checkpoints.stopped('teacher', run_checkpoints, stopped_at, 'step')
 
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     accuracy = evaluator(variables)

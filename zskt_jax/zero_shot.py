@@ -266,13 +266,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                                  config.keep_checkpoints)
     config_dict = config.to_dict()
 
-    def same_teacher(meta):
-        if meta.get('teacher_checksum') != teacher_meta['checksum']:
-            raise checkpoints.CheckpointMismatchError(
-                f'The teacher at {common.teacher_dir(config)} is not the one this run started '
-                f"with (checksum {teacher_meta['checksum'][:12]}..., recorded "
-                f"{str(meta.get('teacher_checksum'))[:12]}... for {meta.get('teacher_path')}).")
-
+    same_teacher = checkpoints.same_teacher_as(teacher_meta, common.teacher_dir(config))
     start_iteration, saved, meta = checkpoints.restore_latest(
         run_checkpoints, {'generator': generator.state_dict(), 'student': student.state_dict()},
         config_dict, RESUME_FIELDS, fallback=config.get('resume_fallback', False),
@@ -375,10 +369,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     run_checkpoints.close()
     if stopped_at is not None:
         writer.close()
-        location = f'{run_checkpoints.directory}/{stopped_at}'
-        logger.info('Stopped after iteration %d; checkpoint written to %s. Rerun the same command '
-                    'to continue.', stopped_at, location)
-        return {'job': 'zero_shot', 'stopped_at': stopped_at, 'checkpoint': location}
+        return checkpoints.stopped('zero_shot', run_checkpoints, stopped_at)
     if not history or history[-1]['iteration'] != config.num_iterations:
         evaluate(config.num_iterations, generator, student)
     writer.close()

@@ -1,0 +1,294 @@
+"""Several processes: two processes with 4 CPU devices each compute what one process with 8 does.
+
+Each process is a child started with ``--xla_force_host_platform_device_count=4`` that joins the
+other through ``jax.distributed.initialize`` on localhost (CPU collectives over gloo). A tiny
+digits distillation runs through ``run.py`` (both processes save its Orbax checkpoints) and must
+end where the same run on one 8-device process ends. A lighter worker (this file as a script,
+two processes again, no TensorFlow) restores that run's checkpoint as a resumed run does, and
+checks the host-sharded evaluation over shares of unequal size and the feeding of host-local
+batches. Stuck children are killed with SIGKILL: the distributed runtime catches SIGTERM.
+"""
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from test_parallel import ROOT, eval_split, subprocess_env
+
+TINY_CONFIG = '''
+from configs import digits
+
+
+def get_config():
+    config = digits.get_config()
+    config.data_dir = {data_dir!r}
+    config.teacher.arch = 'WRN-10-1'
+    config.teacher.base_width = 4
+    config.teacher.checkpoint = {teacher!r}
+    config.teacher.recipe = ''
+    config.student.arch = 'WRN-10-1'
+    config.student.base_width = 4
+    config.generator.hidden = 8
+    config.batch_size = 16
+    config.num_iterations = 3
+    config.n_s = 2
+    config.eval_every = 2
+    config.log_every = 1
+    config.checkpoint_every = 2
+    # Adam's eps of 1e-8 turns float32 rounding noise in near-zero gradients into large parts of
+    # a step (tests/test_parallel.py, test_three_iterations_on_8_devices_equal_1_device), and
+    # gloo sums in another order than one process does; with 1e-3 the runs agree to ~1e-6.
+    config.adam_eps = 1e-3
+    return config
+'''
+TIMEOUT_S = 300
+EVAL_EXAMPLES = 313    # shares of 157 and 156: 4 and 3 batches of 52 per process
+EVAL_BATCH = 100       # 52 per process (4 devices x 13), 104 in all
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def launch(args, num_processes: int, devices_per_process: int, log_prefix: str):
+    """Start ``num_processes`` children (with the distributed flags when more than one), wait
+    for all, SIGKILL them all if any fails or the time runs out; returns their outputs."""
+    port = free_port()
+    # Each process compiles (sharing the persistent cache). JAX_SHARE_BINARY_BETWEEN_HOSTS
+    # (process 0 compiles for both) made the first cross-process collective fail on CPU here.
+    env = subprocess_env(devices_per_process)
+    procs, logs = [], []
+    for i in range(num_processes):
+        extra = ([f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
+                  f'--process_id={i}'] if num_processes > 1 else [])
+        logs.append(open(f'{log_prefix}.{i}.log', 'w+'))
+        procs.append(subprocess.Popen([sys.executable, *args, *extra], cwd=ROOT, env=env,
+                                      stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    deadline = time.time() + TIMEOUT_S
+    try:
+        while any(p.poll() is None for p in procs):
+            # A process that failed then waits for the others at the distributed runtime's
+            # shutdown barrier (minutes): stop all as soon as one fails.
+            if (time.time() > deadline or any(p.poll() not in (None, 0) for p in procs)
+                    or any(_failed(log.name) for log in logs)):
+                break
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL
+            p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, (
+            f'process {i} of {num_processes}: rc {p.returncode} (-9: killed after another '
+            f'process failed or after {TIMEOUT_S} s)\n'
+            + '\n'.join(f'--- process {j}:\n{out[-4000:]}' for j, out in enumerate(outputs)))
+    return procs, outputs
+
+
+def _failed(log_path: str) -> bool:
+    with open(log_path) as f:
+        return 'Traceback (most recent call last)' in f.read()
+
+
+def final_checkpoint(workdir: str):
+    """The newest checkpoint's arrays, restored on this process's one device whatever the
+    topology that wrote them (the 2-process run's devices are not this process's)."""
+    import jax
+    import orbax.checkpoint as ocp
+    directory = os.path.join(workdir, 'checkpoints')
+    step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+    path = os.path.join(directory, str(step), 'state')
+    checkpointer = ocp.StandardCheckpointer()
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          checkpointer.metadata(path).item_metadata)
+    return step, checkpointer.restore(path, target)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, digits_data_dir, tiny_teacher):
+    root = tmp_path_factory.mktemp('multihost')
+    config_path = root / 'tiny.py'
+    config_path.write_text(TINY_CONFIG.format(data_dir=digits_data_dir, teacher=tiny_teacher))
+    run_py = [os.path.join(ROOT, 'run.py'), f'--config={config_path}']
+    single, double = str(root / 'single'), str(root / 'double')
+    launch([*run_py, f'--workdir={single}'], 1, 8, str(root / 'single'))
+    procs, outputs = launch([*run_py, f'--workdir={double}'], 2, 4, str(root / 'double'))
+    return {'single': single, 'double': double, 'config': str(config_path), 'outputs': outputs,
+            'pids': [p.pid for p in procs]}
+
+
+def test_two_processes_end_where_one_8_device_process_ends(runs):
+    single = json.loads(open(os.path.join(runs['single'], 'results.json')).read())
+    double = json.loads(open(os.path.join(runs['double'], 'results.json')).read())
+    assert double['devices'] == single['devices'] == 8
+    assert double['student_accuracy'] == single['student_accuracy']
+    assert double['teacher_accuracy'] == single['teacher_accuracy']
+    assert ([(h['iteration'], h['student_accuracy']) for h in double['history']] ==
+            [(h['iteration'], h['student_accuracy']) for h in single['history']])
+    assert [h['iteration'] for h in double['history']] == [2, 3]
+    for name, value in single['final_train_metrics'].items():
+        assert double['final_train_metrics'][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+    import jax
+    step_single, state_single = final_checkpoint(runs['single'])
+    step_double, state_double = final_checkpoint(runs['double'])
+    assert step_single == step_double == 3
+    paths = jax.tree_util.tree_flatten_with_path(state_single)[0]
+    leaves = jax.tree.leaves(state_double)
+    assert len(paths) == len(leaves) > 0
+    for (path, a), b in zip(paths, leaves):
+        # Float32 rounding: the all-reduces of gloo and of one process sum in different orders.
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_only_process_0_writes_and_logs(runs):
+    out = runs['outputs']
+    assert 'it/s' in out[0] and 'student test accuracy' in out[0]
+    assert 'student_accuracy=' in out[0]
+    # Process 1 trains and evaluates without a word (it logs warnings and errors only).
+    assert 'it/s' not in out[1] and 'accuracy' not in out[1], out[1][-2000:]
+    double = runs['double']
+    assert sorted(os.listdir(double)) == ['checkpoints', 'results.json', 'tensorboard']
+    assert sorted(os.listdir(os.path.join(double, 'checkpoints'))) == ['2', '3']
+    # One events file, written by process 0 (the file name ends in the writer's pid).
+    events = glob.glob(os.path.join(double, 'tensorboard', 'events.out.tfevents.*'))
+    assert len(events) == 1 and int(events[0].split('.')[-2]) == runs['pids'][0], events
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring, host-sharded evaluation and host-local batches, in a lighter worker.
+
+def worker(out_dir: str, config_path: str, workdir: str):
+    """One of two processes, started by run.py's start-up code from the same flags."""
+    sys.path.insert(0, ROOT)
+    from absl import flags
+    import run
+    flags.FLAGS([sys.argv[0]] + [a for a in sys.argv[1:] if a.startswith('--')])
+    run.start_distributed(run.distributed_settings(flags.FLAGS.coordinator_address,
+                                                   flags.FLAGS.num_processes,
+                                                   flags.FLAGS.process_id))
+    import jax
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+    from zskt_jax import checkpoints, common, data, parallel, zero_shot
+    assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
+    mesh = parallel.make_mesh()
+    result = {'process': jax.process_index()}
+
+    # Resuming: both processes restore the 2-process run's latest checkpoint, onto replicated
+    # arrays of this mesh, through the job's own restore_latest (config checks included).
+    config = run.load_config_file(config_path)
+    run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'), keep=3)
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(run_checkpoints.directory, '3', 'state')).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                         sharding=parallel.replicated(mesh)),
+                          metadata)
+    step, state, meta = checkpoints.restore_latest(run_checkpoints, target, config.to_dict(),
+                                                   zero_shot.RESUME_FIELDS)
+    run_checkpoints.close()
+    result['restored_step'], result['restored_iteration'] = step, meta['iteration']
+    result['restored_replicated'] = all(leaf.sharding.is_fully_replicated and
+                                        len(leaf.sharding.device_set) == 8
+                                        for leaf in jax.tree.leaves(state))
+    np.savez(os.path.join(out_dir, f'restored{jax.process_index()}.npz'),
+             *[np.asarray(leaf) for leaf in jax.tree.leaves(state)])
+
+    # Evaluation: this process's share only, combined exactly.
+    model, variables, images, labels, correct = eval_split(EVAL_EXAMPLES)
+    share = data.shard_indices(EVAL_EXAMPLES, jax.process_index(), jax.process_count())
+    evaluator = common.Evaluator(model, 'digits', images[share], labels[share], EVAL_BATCH, mesh)
+    result['share'] = share.stop - share.start
+    result['local_batches'] = -(-result['share'] // 52)
+    result['batches'] = evaluator.num_batches
+    result['accuracy'] = evaluator(parallel.replicate(variables, mesh))
+    one_device = parallel.make_mesh(jax.local_devices()[:1])
+    result['one_device_accuracy'] = common.Evaluator(
+        model, 'digits', images, labels, EVAL_BATCH, one_device)(
+            parallel.replicate(variables, one_device))
+    result['numpy_accuracy'] = correct / EVAL_EXAMPLES
+
+    # Host-local batches (teacher training): each process feeds its rows of the global batch.
+    global_images = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+    rows = parallel.process_rows(16, mesh)
+    batch = parallel.global_batch(global_images[rows], mesh, 16)
+    result['rows'] = rows.tolist()
+    result['batch_sharding_ok'] = batch.sharding == parallel.batch_sharded(mesh)
+    result['batch_equal'] = bool(np.array_equal(
+        multihost_utils.process_allgather(batch, tiled=True), global_images))
+    key = parallel.replicate(jax.random.key(7), mesh)  # typed keys have no NumPy form
+    result['key_equal'] = bool(np.array_equal(jax.random.key_data(key),
+                                              jax.random.key_data(jax.random.key(7))))
+    with open(os.path.join(out_dir, f'worker{jax.process_index()}.json'), 'w') as f:
+        json.dump(result, f)
+
+
+def test_restore_evaluation_and_batches_on_two_processes(runs, tmp_path):
+    launch([os.path.abspath(__file__), str(tmp_path), runs['config'], runs['double']], 2, 4,
+           str(tmp_path / 'worker'))
+    results = [json.loads((tmp_path / f'worker{i}.json').read_text()) for i in range(2)]
+
+    # Orbax in multi-process mode: both processes restored the checkpoint both saved.
+    import jax
+    _, saved = final_checkpoint(runs['double'])
+    saved = jax.tree.leaves(saved)
+    for i, r in enumerate(results):
+        assert r['restored_step'] == r['restored_iteration'] == 3 and r['restored_replicated']
+        with np.load(tmp_path / f'restored{i}.npz') as restored:
+            assert len(restored.files) == len(saved)
+            for k, leaf in enumerate(saved):
+                np.testing.assert_array_equal(restored[f'arr_{k}'], np.asarray(leaf))
+
+    assert [r['share'] for r in results] == [157, 156]
+    # The shares need 4 and 3 batches of 52; both processes run 4 (collectives need both).
+    assert [r['local_batches'] for r in results] == [4, 3]
+    assert [r['batches'] for r in results] == [4, 4]
+    for r in results:
+        # Exact: integer counts summed over 8 devices and 2 hosts, padding masked out.
+        assert r['accuracy'] == r['one_device_accuracy'] == r['numpy_accuracy']
+        assert 0.3 < r['accuracy'] < 0.8
+        assert r['batch_sharding_ok'] and r['batch_equal'] and r['key_equal']
+    assert results[0]['rows'] == list(range(8)) and results[1]['rows'] == list(range(8, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# run.py's start-up decisions (no processes).
+
+def test_distributed_settings_from_flags_environment_and_tpu():
+    sys.path.insert(0, ROOT)
+    import run
+    settings = run.distributed_settings
+    assert settings(environ={}, on_tpu_vm=False) is None
+    assert settings(environ={}, on_tpu_vm=True) == {}  # JAX reads a TPU VM's topology itself
+    assert settings('10.0.0.1:1234', 2, 1, environ={}, on_tpu_vm=False) == {
+        'coordinator_address': '10.0.0.1:1234', 'num_processes': 2, 'process_id': 1}
+    environ = {'ZSKT_COORDINATOR_ADDRESS': 'host:5', 'ZSKT_NUM_PROCESSES': '4',
+               'ZSKT_PROCESS_ID': '3'}
+    assert settings(environ=environ, on_tpu_vm=False) == {
+        'coordinator_address': 'host:5', 'num_processes': 4, 'process_id': 3}
+    assert settings(process_id=0, environ=environ, on_tpu_vm=False)['process_id'] == 0  # flag wins
+    assert settings(mode='off', environ=environ, on_tpu_vm=True) is None
+    assert settings(environ={'ZSKT_DISTRIBUTED': 'off'}, on_tpu_vm=True) is None
+    assert settings(mode='on', environ={}, on_tpu_vm=False) == {}  # JAX detects the cluster
+    with pytest.raises(ValueError, match='ZSKT_NUM_PROCESSES'):
+        settings(environ={'ZSKT_NUM_PROCESSES': 'two'}, on_tpu_vm=False)
+
+
+if __name__ == '__main__':
+    worker(*sys.argv[1:4])

@@ -1,0 +1,300 @@
+"""Data parallelism: 8 devices compute what 1 device computes.
+
+The comparisons need 8 devices, and the main pytest process keeps 1 (XLA fixes the device count
+when the backend starts), so one subprocess with ``--xla_force_host_platform_device_count=8``
+runs every computation on a 1-device mesh and on the 8-device mesh and saves the results; the
+tests below compare them. The subprocess is this file run as a script (``worker``).
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import types
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_DEVICES = 8
+BATCH = 16             # global batch: 2 rows per device on 8 devices
+EVAL_EXAMPLES = 357    # not a multiple of 8 (nor of 2 hosts x 4 devices)
+EVAL_BATCH = 100       # rounded up to 104 on 8 devices: a padded, masked last batch
+ADAM_EPS = 1e-3        # for the 3-iteration comparison (see its test)
+
+
+def subprocess_env(num_devices: int, cache: bool = True) -> dict:
+    """Environment of a child JAX process on CPU with ``num_devices`` forced devices, sharing a
+    persistent compilation cache (a repeated run of the tests then compiles almost nothing).
+
+    The CPU backend compiles without LLVM optimisations (``--xla_backend_optimization_level=0``):
+    it halves the compile time of these tiny programs, which dominates their running time, and
+    both sides of every comparison are compiled alike.
+    """
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices} '
+                         '--xla_backend_optimization_level=0')
+    if cache:
+        env.setdefault('JAX_COMPILATION_CACHE_DIR',
+                       os.path.join(tempfile.gettempdir(), 'zskt_jax_test_compilation_cache'))
+        env.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# The subprocess.
+
+def _flat(tree, prefix):
+    import jax
+    return {prefix + jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def _tiny_setup():
+    import jax
+    import jax.numpy as jnp
+    from zskt_jax import common
+    from zskt_jax.zero_shot import Models
+    from conftest import tiny_zero_shot_config
+    config = tiny_zero_shot_config('', '')
+    config.batch_size = BATCH
+    models = Models(generator=common.build_generator(config),
+                    student=common.build_network(config.student, 10, config),
+                    teacher=common.build_network(config.teacher, 10, config))
+    teacher_variables = jax.jit(models.teacher.init)(jax.random.key(42), jnp.zeros((1, 32, 32, 3)))
+    # Confident, non-uniform teacher beliefs (an untrained teacher is nearly uniform).
+    teacher_variables['params']['fc']['kernel'] = teacher_variables['params']['fc']['kernel'] * 20
+    return config, models, jax.device_get(teacher_variables)
+
+
+def _gradient_capture():
+    """An optimizer that applies nothing and keeps the last gradient it was given: the
+    gradients of a step, read from its optimizer state."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    return optax.GradientTransformation(
+        init=lambda params: jax.tree.map(jnp.zeros_like, params),
+        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def _keep_first_gradient():
+    """Passes gradients through unchanged and keeps the first one it sees in its state."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def update(grads, state, params=None):
+        first = jax.tree.map(lambda kept, g: jnp.where(state['count'] == 0, g, kept),
+                             state['first'], grads)
+        return grads, {'count': state['count'] + 1, 'first': first}
+
+    return optax.GradientTransformation(
+        init=lambda params: {'count': jnp.zeros((), jnp.int32),
+                             'first': jax.tree.map(jnp.zeros_like, params)},
+        update=update)
+
+
+def _run_steps(mesh, out):
+    """3 iterations of the zero-shot step on ``mesh``; the optimizers also keep the first
+    gradient each network received (the raw gradient, before clipping and Adam)."""
+    import jax
+    import optax
+    from zskt_jax import parallel
+    from zskt_jax.state import adam
+    from zskt_jax.zero_shot import create_states, make_iteration_fn
+    config, models, teacher_variables = _tiny_setup()
+    # See test_three_iterations_on_8_devices_equal_1_device: with the paper's eps (1e-8) Adam
+    # turns float32 rounding noise in near-zero gradients into whole-step differences.
+    config.adam_eps = ADAM_EPS
+    teacher_variables = parallel.replicate(teacher_variables, mesh)
+    generator, student, z_key = create_states(config, models, mesh)
+    tx = optax.chain(_keep_first_gradient(),
+                     adam(config.grad_clip, config.adam_b1, config.adam_b2, config.adam_eps))
+    generator, student = (s.replace(tx=tx, opt_state=parallel.replicate(tx.init(s.params), mesh))
+                          for s in (generator, student))
+    step = make_iteration_fn(models, config, mesh)
+    for _ in range(3):
+        generator, student, metrics = step(generator, student, teacher_variables, z_key)
+        jax.block_until_ready(metrics)  # collectives in flight on 2 CPU cores can deadlock
+    out.update(_flat({'generator': generator.state_dict(), 'student': student.state_dict()},
+                     'step'))
+    out.update(_flat(metrics, 'metrics'))
+    out.update(_flat({'generator': generator.opt_state[0]['first'],
+                      'student': student.opt_state[0]['first']}, 'grad'))
+
+
+def _run_teacher_step(mesh, out):
+    """The gradient of one teacher-training step (data-parallel SGD) on a fixed global batch."""
+    import jax
+    import jax.numpy as jnp
+    from configs import teacher_digits
+    from zskt_jax import common, parallel, teacher
+    from zskt_jax.state import create_state
+    config = teacher_digits.get_config()
+    config.teacher.arch, config.teacher.base_width, config.augment = 'WRN-10-1', 4, 'none'
+    model = common.build_network(config.teacher, 10, config)
+    state = create_state(model, jax.random.key(0), jnp.zeros((2, 32, 32, 3)), _gradient_capture())
+    state = parallel.replicate(state, mesh)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, BATCH).astype(np.int32)
+    rows = parallel.process_rows(BATCH, mesh)  # all of them: one process
+    images, labels = parallel.global_batch((images[rows], labels[rows]), mesh, BATCH)
+    step = teacher.make_train_step(model, config, steps_per_epoch=10, mesh=mesh)
+    state, metrics = step(state, images, labels, jax.random.key(1))
+    out.update(_flat(state.opt_state, 'teacher_grad'))
+    out['teacher_loss'] = np.asarray(metrics['loss'])
+
+
+def eval_split(num_examples: int = EVAL_EXAMPLES):
+    """(model, variables, images, labels, correct): random images, half the labels agreeing
+    with the model's predictions, so the accuracy is far from 0 and 1 and every miscounted
+    example would show; ``correct`` counted with one plain forward pass."""
+    import jax
+    import jax.numpy as jnp
+    from zskt_jax import data
+    from zskt_jax.models import build_wide_resnet
+    model = build_wide_resnet('WRN-10-1', 10, 4, axis_name='data')
+    variables = jax.device_get(jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 32, 32, 3))))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (num_examples, 32, 32, 3), dtype=np.uint8)
+    logits, _ = jax.jit(lambda v, x: model.apply(v, data.normalize(x, 'digits'), train=False))(
+        variables, images)
+    predictions = np.asarray(jnp.argmax(logits, -1))
+    labels = np.where(rng.random(num_examples) < 0.5, predictions,
+                      rng.integers(0, 10, num_examples)).astype(np.int32)
+    return model, variables, images, labels, int(np.sum(predictions == labels))
+
+
+def _run_eval(mesh, out):
+    from zskt_jax import common, parallel
+    model, variables, images, labels, correct = eval_split()
+    evaluator = common.Evaluator(model, 'digits', images, labels, EVAL_BATCH, mesh)
+    out['accuracy'] = np.float64(evaluator(parallel.replicate(variables, mesh)))
+    out['batches'] = np.int64(evaluator.num_batches)
+    out['numpy_accuracy'] = np.float64(correct / EVAL_EXAMPLES)
+
+
+def worker(out_path: str):
+    import jax
+    from zskt_jax import parallel
+    assert jax.device_count() == NUM_DEVICES, jax.devices()
+    out = {}
+    for name, mesh in (('one', parallel.make_mesh(jax.devices()[:1])),
+                       ('all', parallel.make_mesh())):
+        results = {}
+        _run_steps(mesh, results)
+        _run_teacher_step(mesh, results)
+        _run_eval(mesh, results)
+        out.update({f'{name}/{k}': v for k, v in results.items()})
+    np.savez(out_path, **out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests.
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('parallel') / 'results.npz')
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], cwd=ROOT,
+                          env=subprocess_env(NUM_DEVICES), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    with np.load(out) as saved:
+        one, everything = {}, {}
+        for key in saved.files:
+            mesh, name = key.split('/', 1)
+            (one if mesh == 'one' else everything)[name] = saved[key]
+    return one, everything
+
+
+def _pairs(results, prefix):
+    one, everything = results
+    names = sorted(k for k in one if k.startswith(prefix))
+    assert names and names == sorted(k for k in everything if k.startswith(prefix))
+    return [(name, one[name], everything[name]) for name in names]
+
+
+def test_three_iterations_on_8_devices_equal_1_device(results):
+    """Same global batch and seed: the same states after 3 iterations (11 forward passes of the
+    student each with cross-device BatchNorm, z drawn globally and sharded).
+
+    Tolerance. 8 devices sum the same products in another order (per-device partial sums, then
+    an all-reduce), so they agree to float32 rounding, not bitwise. Adam with the paper's eps
+    (1e-8) amplifies that rounding without bound where a gradient is near zero: the generator's
+    conv biases feed BatchNorms, which cancel them, so their exact gradient is 0 and the computed
+    one (~1e-9) is rounding noise that Adam scales up to a large fraction of a +-lr step, in a
+    direction that depends on the summation order. Measured (8 vs 1 device, this setup, paper
+    eps): parameters differ by up to 2.4e-5 after 1 iteration and 3e-4 after 3 (many entries
+    of the generator's Dense kernel, whose gradients are near eps in size, too). With eps = 1e-3
+    the normalisation leaves gradients that small alone and the difference is 2.2e-6 after 3
+    iterations, so the test runs with eps = 1e-3 and asserts rtol 1e-5 with an atol of 1e-5
+    (1/200 of one Adam step) for entries near 0; the step's code is the same for any eps.
+    test_gradients_on_8_devices_equal_1_device compares the gradients themselves, which Adam's
+    eps does not touch.
+    """
+    for name, one, eight in _pairs(results, 'step'):
+        if one.dtype.kind != 'f':
+            np.testing.assert_array_equal(eight, one, err_msg=name)  # step and update counters
+        else:
+            np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5, err_msg=name)
+    for name, one, eight in _pairs(results, 'metrics'):
+        np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_gradients_on_8_devices_equal_1_device(results):
+    """The gradient each update applies is the global-batch mean on any number of devices: the
+    shard_map pitfall (gradients summed over devices, 8x too large) would fail here. Adam hides
+    a gradient's scale, so the raw gradients are read directly: those of the first generator
+    and the first student update of the zero-shot step (kept by the optimizer), and that of one
+    teacher SGD step (an optimizer that keeps it instead of applying it)."""
+    for network in ("grad['generator']", "grad['student']", 'teacher_grad'):
+        pairs = _pairs(results, network)
+        norm_one = np.sqrt(sum(np.sum(np.square(one, dtype=np.float64)) for _, one, _ in pairs))
+        norm_eight = np.sqrt(sum(np.sum(np.square(e, dtype=np.float64)) for _, _, e in pairs))
+        assert norm_one > 0
+        assert norm_eight / norm_one == pytest.approx(1.0, abs=1e-5), network
+        # Float32 rounding of differently ordered sums. The atol, relative to the network's
+        # largest gradient, covers entries that are 0 in exact arithmetic (biases that a
+        # BatchNorm cancels: their computed gradients are ~1e-9 noise of either sign).
+        scale = max(float(np.max(np.abs(one))) for _, one, _ in pairs)
+        for name, one, eight in pairs:
+            np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+    one, everything = results
+    np.testing.assert_allclose(everything['teacher_loss'], one['teacher_loss'], rtol=1e-6)
+
+
+def test_accuracy_over_an_uneven_split_is_exact(results):
+    one, everything = results
+    # 357 examples in batches of 100 on 1 device (4 batches, the last of 57) and of 104 on 8
+    # devices (13 rows each; the last batch has 45 real rows and 59 masked ones).
+    assert one['batches'] == everything['batches'] == 4
+    assert one['accuracy'] == everything['accuracy'] == one['numpy_accuracy']
+    assert 0.3 < one['accuracy'] < 0.8
+
+
+def test_batch_that_does_not_divide_is_a_config_error_naming_both_numbers():
+    from zskt_jax import parallel
+    mesh = types.SimpleNamespace(devices=np.empty(NUM_DEVICES, object))
+    with pytest.raises(ValueError, match=r'config.eval_batch_size = 100 .* 8 devices'):
+        parallel.check_divisible(100, mesh, 'eval_batch_size')
+    parallel.check_divisible(104, mesh, 'eval_batch_size')
+
+
+def test_eval_batch_is_rounded_up_per_process_and_device():
+    from zskt_jax import parallel
+
+    def mesh(processes, devices_per_process):
+        devices = [types.SimpleNamespace(process_index=p) for p in range(processes)
+                   for _ in range(devices_per_process)]
+        return types.SimpleNamespace(devices=np.array(devices, object))
+
+    assert parallel.eval_batch_sizes(100, mesh(1, 1)) == (100, 100)
+    assert parallel.eval_batch_sizes(100, mesh(1, 8)) == (104, 104)
+    assert parallel.eval_batch_sizes(100, mesh(2, 4)) == (52, 104)
+    assert parallel.eval_batch_sizes(500, mesh(4, 4)) == (128, 512)
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, ROOT)
+    worker(sys.argv[1])
