@@ -69,7 +69,7 @@ STEPS, CHUNK = 4, 10  # the attack of the tests: 4 steps, 10 pairs per call (27 
 
 @pytest.fixture(scope='module')
 def networks():
-    return tiny_network(1, 20.0), tiny_network(2, 20.0)
+    return belief_case()[:2]
 
 
 @pytest.fixture(scope='module')
@@ -83,6 +83,13 @@ def attack(networks):
 
 def random_images():
     return np.random.default_rng(7).integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+
+
+def belief_case():
+    """The attack of the multi-device tests: networks A and B, 3 images, their 9 targets each
+    (27 pairs)."""
+    return (tiny_network(1, 20.0), tiny_network(2, 20.0), random_images(),
+            belief.target_classes(np.array([1, 4, 7]), 10))
 
 
 @pytest.fixture(scope='module')
@@ -215,12 +222,11 @@ def test_attack_is_the_same_on_four_devices(networks, attack, images, tmp_path):
         import sys; sys.path[:0] = [{ROOT!r}, {os.path.dirname(os.path.abspath(__file__))!r}]
         import jax, numpy as np
         from zskt_jax import belief, parallel
-        from test_belief import tiny_network, random_images, STEPS, CHUNK
-        (ma, va), (mb, vb) = tiny_network(1, 20.0), tiny_network(2, 20.0)
+        from test_belief import belief_case, STEPS, CHUNK
+        (ma, va), (mb, vb), images, targets = belief_case()
         mesh = parallel.make_mesh()
         fn = belief.make_attack_fn(ma, mb, 'digits', STEPS, 1.0, mesh, loop='steps')
-        targets = belief.target_classes(np.array([1, 4, 7]), 10)
-        p_a, p_b = belief.transition_curves(fn, va, vb, random_images(), targets, CHUNK, mesh)
+        p_a, p_b = belief.transition_curves(fn, va, vb, images, targets, CHUNK, mesh)
         np.savez({out!r}, p_a=p_a, p_b=p_b, devices=jax.device_count())
     ''')
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',

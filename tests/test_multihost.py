@@ -11,6 +11,7 @@ batches. Stuck children are killed with SIGKILL: the distributed runtime catches
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -119,6 +120,20 @@ def final_checkpoint(workdir: str):
     return step, checkpointer.restore(path, target)
 
 
+def assert_final_states_close(workdir_a: str, workdir_b: str):
+    """Both runs' last checkpoints are of iteration 3 and agree to float32 rounding (parameters,
+    batch statistics, optimizer states)."""
+    import jax
+    (step_a, state_a), (step_b, state_b) = final_checkpoint(workdir_a), final_checkpoint(workdir_b)
+    assert step_a == step_b == 3
+    paths = jax.tree_util.tree_flatten_with_path(state_a)[0]
+    leaves = jax.tree.leaves(state_b)
+    assert len(paths) == len(leaves) > 0
+    for (path, a), b in zip(paths, leaves):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, digits_data_dir, tiny_teacher):
     root = tmp_path_factory.mktemp('multihost')
@@ -144,17 +159,31 @@ def test_two_processes_end_where_one_8_device_process_ends(runs):
     for name, value in single['final_train_metrics'].items():
         assert double['final_train_metrics'][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
 
-    import jax
-    step_single, state_single = final_checkpoint(runs['single'])
-    step_double, state_double = final_checkpoint(runs['double'])
-    assert step_single == step_double == 3
-    paths = jax.tree_util.tree_flatten_with_path(state_single)[0]
-    leaves = jax.tree.leaves(state_double)
-    assert len(paths) == len(leaves) > 0
-    for (path, a), b in zip(paths, leaves):
-        # Float32 rounding: the all-reduces of gloo and of one process sum in different orders.
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+    # Float32 rounding: the all-reduces of gloo and of one process sum in different orders.
+    assert_final_states_close(runs['single'], runs['double'])
+
+
+def test_resume_on_one_device_from_an_8_device_checkpoint(runs, tmp_path):
+    """Checkpoints restore onto any mesh: the 8-device run's iteration-2 checkpoint, resumed by a
+    1-device process, ends where the 8-device run ends (float32 rounding apart)."""
+    workdir = tmp_path / 'resumed'
+    shutil.copytree(os.path.join(runs['single'], 'checkpoints'), workdir / 'checkpoints')
+    shutil.rmtree(workdir / 'checkpoints' / '3')  # as if stopped after iteration 2
+    _, outputs = launch([os.path.join(ROOT, 'run.py'), f'--config={runs["config"]}',
+                         f'--workdir={workdir}'], 1, 1, str(tmp_path / 'resumed'))
+    assert 'Resumed from' in outputs[0] and '[3/3]' in outputs[0], outputs[0][-3000:]
+    single = json.loads(open(os.path.join(runs['single'], 'results.json')).read())
+    resumed = json.loads((workdir / 'results.json').read_text())
+    assert (single['devices'], resumed['devices']) == (8, 1)
+    # The history up to iteration 2 comes from the checkpoint, then one more evaluation.
+    assert [h['iteration'] for h in resumed['history']] == [2, 3]
+    assert resumed['history'][0] == single['history'][0]
+    assert resumed['student_accuracy'] == pytest.approx(single['student_accuracy'], abs=0.01)
+    for name, value in single['final_train_metrics'].items():
+        assert resumed['final_train_metrics'][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+    # Iteration 3 sums over 1 device instead of 8 (test_parallel.py explains the tolerance).
+    assert_final_states_close(runs['single'], str(workdir))
 
 
 def test_only_process_0_writes_and_logs(runs):
@@ -224,14 +253,27 @@ def worker(out_dir: str, config_path: str, workdir: str):
             parallel.replicate(variables, one_device))
     result['numpy_accuracy'] = correct / EVAL_EXAMPLES
 
-    # Host-local batches (teacher training): each process feeds its rows of the global batch.
+    # Training batches (teacher and few-shot jobs): each process feeds its rows of the global
+    # batch that every process draws.
     global_images = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
-    rows = parallel.process_rows(16, mesh)
-    batch = parallel.global_batch(global_images[rows], mesh, 16)
-    result['rows'] = rows.tolist()
+    batch = parallel.shard_batch(global_images, mesh)
+    result['rows'] = parallel.process_rows(16, mesh).tolist()
     result['batch_sharding_ok'] = batch.sharding == parallel.batch_sharded(mesh)
     result['batch_equal'] = bool(np.array_equal(
         multihost_utils.process_allgather(batch, tiled=True), global_images))
+
+    # The belief job: predictions and transition curves over both processes' devices, gathered
+    # whole on each (27 pairs in chunks of 16, the last one padded).
+    from zskt_jax import belief
+    from test_belief import STEPS, belief_case
+    (model_a, variables_a), (model_b, variables_b), images, targets = belief_case()
+    attack = belief.make_attack_fn(model_a, model_b, 'digits', STEPS, 1.0, mesh, loop='steps')
+    p_a, p_b = belief.transition_curves(attack, variables_a, variables_b, images, targets, 16,
+                                        mesh)
+    predictions = belief.predict(belief.make_predict_fn(model_a, 'digits', mesh), variables_a,
+                                 images, 8, mesh)
+    np.savez(os.path.join(out_dir, f'belief{jax.process_index()}.npz'), p_a=p_a, p_b=p_b,
+             predictions=predictions)
     key = parallel.replicate(jax.random.key(7), mesh)  # typed keys have no NumPy form
     result['key_equal'] = bool(np.array_equal(jax.random.key_data(key),
                                               jax.random.key_data(jax.random.key(7))))
@@ -265,6 +307,22 @@ def test_restore_evaluation_and_batches_on_two_processes(runs, tmp_path):
         assert 0.3 < r['accuracy'] < 0.8
         assert r['batch_sharding_ok'] and r['batch_equal'] and r['key_equal']
     assert results[0]['rows'] == list(range(8)) and results[1]['rows'] == list(range(8, 16))
+
+    # The belief job's curves and predictions, as one device computes them.
+    from zskt_jax import belief, parallel
+    from test_belief import STEPS, belief_case
+    (model_a, variables_a), (model_b, variables_b), images, targets = belief_case()
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    attack = belief.make_attack_fn(model_a, model_b, 'digits', STEPS, 1.0, mesh, loop='steps')
+    p_a, p_b = belief.transition_curves(attack, variables_a, variables_b, images, targets, 16,
+                                        mesh)
+    predictions = belief.predict(belief.make_predict_fn(model_a, 'digits', mesh), variables_a,
+                                 images, 8, mesh)
+    for i in range(2):
+        with np.load(tmp_path / f'belief{i}.npz') as gathered:
+            np.testing.assert_allclose(gathered['p_a'], p_a, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(gathered['p_b'], p_b, rtol=1e-5, atol=1e-7)
+            np.testing.assert_array_equal(gathered['predictions'], predictions)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -264,12 +264,11 @@ def _round_to_devices(batch_size: int, mesh) -> int:
 def predict(predict_fn, variables, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
     """Argmax predictions over a whole split in host memory (padding dropped)."""
     batch_size = _round_to_devices(batch_size, mesh)
-    sharding = parallel.batch_sharded(mesh)
     out = []
     for start, stop in _padded_chunks(len(images), batch_size):
         chunk, _, mask = parallel.pad_batch(images[start:stop], np.zeros(stop - start, np.int32),
                                             batch_size)
-        out.append(_to_host(predict_fn(variables, jax.device_put(chunk, sharding)))[mask])
+        out.append(_to_host(predict_fn(variables, parallel.shard_batch(chunk, mesh)))[mask])
     return np.concatenate(out) if out else np.zeros(0, np.int32)
 
 
@@ -283,14 +282,13 @@ def transition_curves(attack_fn, variables_a, variables_b, images: np.ndarray,
     pair_image = np.repeat(np.arange(n), t)  # [N*T]: the image of each pair
     pair_target = targets.reshape(-1).astype(np.int32)
     batch_size = _round_to_devices(batch_size, mesh)
-    sharding = parallel.batch_sharded(mesh)
     curves_a, curves_b = [], []
     start_time = time.time()
     for i, (start, stop) in enumerate(_padded_chunks(n * t, batch_size)):
         chunk_images, chunk_targets, mask = parallel.pad_batch(
             images[pair_image[start:stop]], pair_target[start:stop], batch_size)
-        p_a, p_b = attack_fn(variables_a, variables_b, jax.device_put(chunk_images, sharding),
-                             jax.device_put(chunk_targets, sharding))
+        p_a, p_b = attack_fn(variables_a, variables_b,
+                             *parallel.shard_batch((chunk_images, chunk_targets), mesh))
         curves_a.append(_to_host(p_a)[mask])
         curves_b.append(_to_host(p_b)[mask])
         if log_every and (i + 1) % log_every == 0:

@@ -248,16 +248,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     train_step = make_train_step(student_model, teacher_model, config, total_iterations, mesh)
     stream = BatchStream(len(subset), config.batch_size, config.seed)
-    sharding = parallel.batch_sharded(mesh)
     progress = reporting.Progress(start_iteration, total_iterations)
     stop_after = config.get('stop_after_iterations', 0)
     stopped_at, metrics = None, {}
     with PreemptionGuard() as preemption:
         for iteration in range(start_iteration, total_iterations):
             idx = stream(iteration)
-            new_state, step_metrics = train_step(state, teacher_variables,
-                                                 jax.device_put(train_images[idx], sharding),
-                                                 jax.device_put(train_labels[idx], sharding),
+            images, labels = parallel.shard_batch((train_images[idx], train_labels[idx]), mesh)
+            new_state, step_metrics = train_step(state, teacher_variables, images, labels,
                                                  jax.random.fold_in(data_key, iteration))
             step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             if not all(np.isfinite(v) for v in step_metrics.values()):

@@ -85,6 +85,14 @@ def global_batch(tree, mesh, global_batch_size: int):
         sharding, np.asarray(x), (global_batch_size,) + np.shape(x)[1:]), tree)
 
 
+def shard_batch(tree, mesh):
+    """A whole global batch, the same on every process (a pytree of NumPy arrays) -> global
+    arrays sharded over ``data``; each process feeds only its ``process_rows``."""
+    size = len(jax.tree.leaves(tree)[0])
+    rows = process_rows(size, mesh)
+    return global_batch(jax.tree.map(lambda x: np.asarray(x)[rows], tree), mesh, size)
+
+
 def data_parallel(per_device: Callable, mesh, in_specs, out_specs):
     """shard_map over the ``data`` axis: ``per_device`` sees its slice and may use collectives."""
     return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs)

@@ -114,8 +114,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     evaluator = common.Evaluator(model, config.dataset, test_images, test_labels,
                                  config.eval_batch_size, mesh)
     writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'), active=is_main)
-    # The rows of each global batch this process feeds (all of them with one process).
-    local_rows = parallel.process_rows(config.batch_size, mesh)
     total_steps = config.epochs * steps_per_epoch
     progress = reporting.Progress(start_step // steps_per_epoch, config.epochs)
     save = lambda step, force=False: run_checkpoints.save(
@@ -127,9 +125,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             epoch_key = jax.random.fold_in(data_key, epoch)
             if order is None or i == 0:
                 order = np.asarray(jax.random.permutation(epoch_key, len(train_labels)))
-            idx = order[i * config.batch_size:(i + 1) * config.batch_size][local_rows]
-            images, labels = parallel.global_batch((train_images[idx], train_labels[idx]), mesh,
-                                                   config.batch_size)
+            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+            images, labels = parallel.shard_batch((train_images[idx], train_labels[idx]), mesh)
             state, metrics = train_step(state, images, labels, jax.random.fold_in(epoch_key, i))
             done = step + 1
             stop = preemption.requested() or done - start_step == config.get('stop_after_steps', 0)
