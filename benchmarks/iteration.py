@@ -59,6 +59,9 @@ def parse_args(argv):
                              'config has that field; default 1)')
     parser.add_argument('--update_loop', choices=('auto', 'scan', 'unroll'),
                         help='n_g/n_s updates as a lax.scan or unrolled (default: config, auto)')
+    parser.add_argument('--weight_grad_chunk', type=int,
+                        help='conv kernel gradients summed over slices of this many examples '
+                             '(config.weight_grad_chunk; default: config, -1 = 8 on CPU, else 0)')
     parser.add_argument('--quick', action='store_true',
                         help='smoke mode: WRN-10-1 (base width 4) -> WRN-10-1, generator hidden 8, '
                              'batch 16, n_s 2, 1 warm-up + 2 timed iterations, PyTorch on 1 '
@@ -96,7 +99,7 @@ def build_config(args):
         config.teacher.base_width = config.student.base_width = args.base_width
     if args.generator_hidden:
         config.generator.hidden = args.generator_hidden
-    for name in ('batch_size', 'n_g', 'n_s', 'compute_dtype', 'update_loop'):
+    for name in ('batch_size', 'n_g', 'n_s', 'compute_dtype', 'update_loop', 'weight_grad_chunk'):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if args.num_seeds is not None:
@@ -230,6 +233,7 @@ def time_jax(config, repeats: int, warmup: int, log=print):
         'framework': 'jax', 'jax_version': jax.__version__, 'backend': jax.default_backend(),
         'devices': len(devices), 'device_kind': devices[0].device_kind,
         'compute_dtype': config.compute_dtype, 'update_loop': 'unroll' if unroll else 'scan',
+        'weight_grad_chunk': common.weight_grad_chunk(config),
         'setup_s': setup_s, 'compile_s': compile_s, 'repeats': repeats, 'warmup': warmup, 'times_s': times,
         'seconds_per_iteration': statistics.median(times), 'flops_per_iteration': flops,
         'flops_source': flops_note, 'flops_compiled_program': flops_compiled,
@@ -309,7 +313,8 @@ def main(argv=None):
     jax_result = time_jax(config, args.repeats, args.warmup, log)
     log(f"JAX {jax_result['jax_version']} on {jax_result['backend']} ({jax_result['devices']} x "
         f"{jax_result['device_kind']}), {jax_result['compute_dtype']}, update loop: "
-        f"{jax_result['update_loop']}")
+        f"{jax_result['update_loop']}, kernel-gradient slices: "
+        f"{jax_result['weight_grad_chunk'] or 'off'}")
     log(f"  set-up (initialising the networks): {jax_result['setup_s']:.1f} s; "
         f"compile (lower + compile): {jax_result['compile_s']:.1f} s")
     jax_images = report(jax_result, config, log)

@@ -74,3 +74,37 @@ def test_batchnorm_running_variance_is_unbiased():
 def test_bad_architecture_names_are_explained(bad):
     with pytest.raises(ValueError, match='WRN'):
         parse_arch(bad)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_chunked_weight_grad_conv_gives_the_plain_gradients(dtype):
+    """layers.chunked_weight_grad_conv (the CPU default) only reorders the kernel gradient's sum:
+    the outputs, input and kernel gradients of a WRN (3x3 and strided 1x1 convs) and of the
+    generator equal those of the plain convolution."""
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32)
+    z = jnp.asarray(rng.normal(size=(16, 100)), jnp.float32)
+    cases = [(lambda chunk: build_wide_resnet('WRN-10-2', 10, 4, dtype=dtype,
+                                              weight_grad_chunk=chunk), images),
+             (lambda chunk: Generator(hidden=8, dtype=dtype, weight_grad_chunk=chunk), z)]
+    for build, x in cases:
+        variables = init_variables(build(0), jax.random.key(1), x[:2])
+
+        def loss(params, x, chunk):
+            out, _ = build(chunk).apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                        x, train=True, mutable=['batch_stats'])
+            out = out[0] if isinstance(out, tuple) else out
+            return jnp.sum(jnp.square(out.astype(jnp.float32) - 0.3))
+
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+        (plain_loss, plain), (chunked_loss, chunked) = (grad(variables['params'], x, c)
+                                                        for c in (0, 4))
+        tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(chunked_loss, plain_loss, rtol=tolerance)
+        plain_leaves, chunked_leaves = jax.tree.leaves(plain), jax.tree.leaves(chunked)
+        assert len(plain_leaves) == len(chunked_leaves) > 10
+        for a, b in zip(plain_leaves, chunked_leaves):
+            assert a.dtype == b.dtype == jnp.float32
+            scale = float(jnp.max(jnp.abs(a))) + 1e-12
+            np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale,
+                                       atol=tolerance)

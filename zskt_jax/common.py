@@ -24,10 +24,24 @@ def compute_dtype(config):
     return DTYPES[name]
 
 
+def weight_grad_chunk(config) -> int:
+    """config.weight_grad_chunk: examples per slice of each conv kernel gradient
+    (``models.layers.chunked_weight_grad_conv``); 0 = whole batch; -1 (auto) = 8 on CPU, where
+    XLA takes kernel gradients over large batches slowly, 0 elsewhere."""
+    chunk = config.get('weight_grad_chunk', -1)
+    if chunk == -1:
+        return 8 if jax.default_backend() == 'cpu' else 0
+    if chunk < 0:
+        raise ValueError(f'config.weight_grad_chunk = {chunk}; use -1 (auto), 0 (off) or a '
+                         'positive slice size')
+    return chunk
+
+
 def build_network(net_config, num_classes: int, config):
     """A WideResNet from a ``config.teacher`` / ``config.student`` section."""
     return build_wide_resnet(net_config.arch, num_classes, net_config.base_width,
-                             axis_name=DATA_AXIS, dtype=compute_dtype(config))
+                             axis_name=DATA_AXIS, dtype=compute_dtype(config),
+                             weight_grad_chunk=weight_grad_chunk(config))
 
 
 def build_generator(config):
@@ -35,7 +49,8 @@ def build_generator(config):
     if image_size % 4:
         raise ValueError(f'the generator upsamples x4; image size {image_size} is not a multiple of 4')
     return Generator(init_size=image_size // 4, hidden=config.generator.hidden,
-                     axis_name=DATA_AXIS, dtype=compute_dtype(config))
+                     axis_name=DATA_AXIS, dtype=compute_dtype(config),
+                     weight_grad_chunk=weight_grad_chunk(config))
 
 
 def teacher_dir(config) -> str:

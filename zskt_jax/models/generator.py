@@ -4,7 +4,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import flax.linen as nn
 
-from zskt_jax.models.layers import BatchNorm, torch_uniform
+from zskt_jax.models.layers import BatchNorm, chunked_weight_grad_conv, torch_uniform
 
 
 def upsample_nearest(x, factor: int = 2):
@@ -25,6 +25,7 @@ class Generator(nn.Module):
     out_channels: int = 3
     axis_name: Optional[str] = None
     dtype: Any = jnp.float32
+    weight_grad_chunk: int = 0    # layers.chunked_weight_grad_conv (faster on XLA:CPU)
 
     @nn.compact
     def __call__(self, z, train: bool = True):
@@ -34,7 +35,8 @@ class Generator(nn.Module):
         def conv(x, ch, name):
             fan_in = x.shape[-1] * 9
             return nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=name,
-                           kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in))(x)
+                           kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in),
+                           conv_general_dilated=chunked_weight_grad_conv(self.weight_grad_chunk))(x)
 
         z_dim = z.shape[-1]
         x = nn.Dense(self.hidden * self.init_size ** 2, dtype=self.dtype, name='fc',
