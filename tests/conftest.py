@@ -7,7 +7,7 @@ import pytest
 
 from zskt_jax import checkpoints, data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tiny_config import ROOT, tiny_zero_shot_config  # noqa: F401 (re-exported to the tests)
 
 
 @pytest.fixture(scope='session')
@@ -16,27 +16,6 @@ def digits_data_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp('tfds'))
     data.load_split('digits', 'test', data_dir)
     return data_dir
-
-
-def tiny_zero_shot_config(data_dir: str, teacher_path: str):
-    """configs/digits.py shrunk to seconds: tiny networks, 3 iterations."""
-    from configs import digits
-    config = digits.get_config()
-    config.data_dir = data_dir
-    config.teacher.arch = 'WRN-10-1'
-    config.teacher.base_width = 4
-    config.teacher.checkpoint = teacher_path
-    config.teacher.recipe = ''
-    config.student.arch = 'WRN-10-1'
-    config.student.base_width = 4
-    config.generator.hidden = 8
-    config.batch_size = 16
-    config.num_iterations = 3
-    config.n_s = 2
-    config.eval_every = 2
-    config.log_every = 1
-    config.checkpoint_every = 2
-    return config
 
 
 def write_teacher(path: str, arch='WRN-10-1', base_width=4, num_classes=10, seed=0,

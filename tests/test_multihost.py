@@ -21,33 +21,8 @@ import numpy as np
 import pytest
 
 from test_parallel import ROOT, eval_split, subprocess_env
+from tiny_config import write_config_file
 
-TINY_CONFIG = '''
-from configs import digits
-
-
-def get_config():
-    config = digits.get_config()
-    config.data_dir = {data_dir!r}
-    config.teacher.arch = 'WRN-10-1'
-    config.teacher.base_width = 4
-    config.teacher.checkpoint = {teacher!r}
-    config.teacher.recipe = ''
-    config.student.arch = 'WRN-10-1'
-    config.student.base_width = 4
-    config.generator.hidden = 8
-    config.batch_size = 16
-    config.num_iterations = 3
-    config.n_s = 2
-    config.eval_every = 2
-    config.log_every = 1
-    config.checkpoint_every = 2
-    # Adam's eps of 1e-8 turns float32 rounding noise in near-zero gradients into large parts of
-    # a step (tests/test_parallel.py, test_three_iterations_on_8_devices_equal_1_device), and
-    # gloo sums in another order than one process does; with 1e-3 the runs agree to ~1e-6.
-    config.adam_eps = 1e-3
-    return config
-'''
 TIMEOUT_S = 300
 EVAL_EXAMPLES = 313    # shares of 157 and 156: 4 and 3 batches of 52 per process
 EVAL_BATCH = 100       # 52 per process (4 devices x 13), 104 in all
@@ -137,8 +112,11 @@ def assert_final_states_close(workdir_a: str, workdir_b: str):
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, digits_data_dir, tiny_teacher):
     root = tmp_path_factory.mktemp('multihost')
-    config_path = root / 'tiny.py'
-    config_path.write_text(TINY_CONFIG.format(data_dir=digits_data_dir, teacher=tiny_teacher))
+    # Adam's eps of 1e-8 turns float32 rounding noise in near-zero gradients into large parts of
+    # a step (tests/test_parallel.py, test_three_iterations_on_8_devices_equal_1_device), and
+    # gloo sums in another order than one process does; with 1e-3 the runs agree to ~1e-6.
+    config_path = write_config_file(root / 'tiny.py', digits_data_dir, tiny_teacher,
+                                    adam_eps=1e-3)
     run_py = [os.path.join(ROOT, 'run.py'), f'--config={config_path}']
     single, double = str(root / 'single'), str(root / 'double')
     launch([*run_py, f'--workdir={single}'], 1, 8, str(root / 'single'))

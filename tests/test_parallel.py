@@ -54,7 +54,7 @@ def _tiny_setup():
     import jax.numpy as jnp
     from zskt_jax import common
     from zskt_jax.zero_shot import Models
-    from conftest import tiny_zero_shot_config
+    from tiny_config import tiny_zero_shot_config
     config = tiny_zero_shot_config('', '')
     config.batch_size = BATCH
     models = Models(generator=common.build_generator(config),

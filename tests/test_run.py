@@ -9,30 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_zero_shot_config, write_teacher
-
-TINY_CONFIG = '''
-from configs import digits
-
-
-def get_config():
-    config = digits.get_config()
-    config.data_dir = {data_dir!r}
-    config.teacher.arch = 'WRN-10-1'
-    config.teacher.base_width = 4
-    config.teacher.checkpoint = {teacher!r}
-    config.teacher.recipe = ''
-    config.student.arch = 'WRN-10-1'
-    config.student.base_width = 4
-    config.generator.hidden = 8
-    config.batch_size = 16
-    config.num_iterations = 3
-    config.n_s = 2
-    config.eval_every = 2
-    config.log_every = 1
-    config.checkpoint_every = 2
-    return config
-'''
-
+from tiny_config import write_config_file
 
 def run_py(*args, cwd=ROOT, timeout=300):
     return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args], cwd=cwd,
@@ -40,8 +17,7 @@ def run_py(*args, cwd=ROOT, timeout=300):
 
 
 def test_tiny_distillation_writes_results_and_tensorboard(tmp_path, digits_data_dir, tiny_teacher):
-    config_path = tmp_path / 'tiny.py'
-    config_path.write_text(TINY_CONFIG.format(data_dir=digits_data_dir, teacher=tiny_teacher))
+    config_path = write_config_file(tmp_path / 'tiny.py', digits_data_dir, tiny_teacher)
     workdir = tmp_path / 'run'
     result = run_py(f'--config={config_path}', f'--workdir={workdir}', '--config.n_s=1')
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,47 @@
+"""The tests' tiny zero-shot config: configs/digits.py shrunk to seconds (tiny networks, 3
+iterations). Plain Python without pytest or JAX, so that the config files the tests hand to
+``run.py`` subprocesses can use it too (``write_config_file``)."""
+import os
+
+from configs import digits
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS_DIR)
+
+CONFIG_FILE = '''import sys
+sys.path[:0] = [{tests!r}, {root!r}]
+from tiny_config import tiny_zero_shot_config
+
+
+def get_config():
+    return tiny_zero_shot_config({data_dir!r}, {teacher!r}, **{overrides!r})
+'''
+
+
+def tiny_zero_shot_config(data_dir: str, teacher_path: str, **overrides):
+    config = digits.get_config()
+    config.data_dir = data_dir
+    config.teacher.arch = 'WRN-10-1'
+    config.teacher.base_width = 4
+    config.teacher.checkpoint = teacher_path
+    config.teacher.recipe = ''
+    config.student.arch = 'WRN-10-1'
+    config.student.base_width = 4
+    config.generator.hidden = 8
+    config.batch_size = 16
+    config.num_iterations = 3
+    config.n_s = 2
+    config.eval_every = 2
+    config.log_every = 1
+    config.checkpoint_every = 2
+    for name, value in overrides.items():
+        config[name] = value
+    return config
+
+
+def write_config_file(path, data_dir: str, teacher_path: str, **overrides) -> str:
+    """A config file for ``run.py --config=...`` giving ``tiny_zero_shot_config(...)``."""
+    with open(path, 'w') as f:
+        f.write(CONFIG_FILE.format(tests=TESTS_DIR, root=ROOT, data_dir=data_dir,
+                                   teacher=teacher_path, overrides=overrides))
+    return str(path)
