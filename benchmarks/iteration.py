@@ -61,7 +61,7 @@ def parse_args(argv):
                         help='n_g/n_s updates as a lax.scan or unrolled (default: config, auto)')
     parser.add_argument('--weight_grad_chunk', type=int,
                         help='conv kernel gradients summed over slices of this many examples '
-                             '(config.weight_grad_chunk; default: config, -1 = 8 on CPU, else 0)')
+                             '(config.weight_grad_chunk; default: config, 0 = off)')
     parser.add_argument('--quick', action='store_true',
                         help='smoke mode: WRN-10-1 (base width 4) -> WRN-10-1, generator hidden 8, '
                              'batch 16, n_s 2, 1 warm-up + 2 timed iterations, PyTorch on 1 '

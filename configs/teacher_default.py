@@ -27,6 +27,6 @@ def get_config():
     config.stop_after_steps = 0       # >0: checkpoint and stop after this many steps of a run
     config.resume_fallback = False    # if the latest checkpoint is unreadable, use the previous one
     config.compute_dtype = 'float32'
-    config.weight_grad_chunk = -1     # conv kernel gradients summed over slices of this many
-                                      # examples: -1 auto (8 on CPU, where it is faster), 0 off
+    config.weight_grad_chunk = 0      # >0: conv kernel gradients summed over slices of this many
+                                      # examples (8: ~1.25x faster on XLA:CPU; see the README)
     return config

@@ -26,14 +26,11 @@ def compute_dtype(config):
 
 def weight_grad_chunk(config) -> int:
     """config.weight_grad_chunk: examples per slice of each conv kernel gradient
-    (``models.layers.chunked_weight_grad_conv``); 0 = whole batch; -1 (auto) = 8 on CPU, where
-    XLA takes kernel gradients over large batches slowly, 0 elsewhere."""
-    chunk = config.get('weight_grad_chunk', -1)
-    if chunk == -1:
-        return 8 if jax.default_backend() == 'cpu' else 0
+    (``models.layers.chunked_weight_grad_conv``); 0 = the whole batch at once (the default)."""
+    chunk = config.get('weight_grad_chunk', 0)
     if chunk < 0:
-        raise ValueError(f'config.weight_grad_chunk = {chunk}; use -1 (auto), 0 (off) or a '
-                         'positive slice size')
+        raise ValueError(f'config.weight_grad_chunk = {chunk}; use 0 (off) or a positive '
+                         'number of examples per slice (8 is fastest on XLA:CPU)')
     return chunk
 
 
