@@ -84,7 +84,7 @@ def test_chunked_weight_grad_conv_gives_the_plain_gradients(dtype):
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32)
     z = jnp.asarray(rng.normal(size=(16, 100)), jnp.float32)
-    cases = [(lambda chunk: build_wide_resnet('WRN-10-2', 10, 4, dtype=dtype,
+    cases = [(lambda chunk: build_wide_resnet('WRN-10-1', 10, 4, dtype=dtype,
                                               weight_grad_chunk=chunk), images),
              (lambda chunk: Generator(hidden=8, dtype=dtype, weight_grad_chunk=chunk), z)]
     for build, x in cases:
