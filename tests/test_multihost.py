@@ -181,6 +181,20 @@ def test_only_process_0_writes_and_logs(runs):
 # ---------------------------------------------------------------------------------------------
 # Restoring, host-sharded evaluation and host-local batches, in a lighter worker.
 
+def belief_outputs(mesh):
+    """The belief job's transition curves (27 pairs in chunks of 16, the last one padded) and
+    predictions for tests/test_belief.py's case, computed on ``mesh`` and gathered whole."""
+    from zskt_jax import belief
+    from test_belief import STEPS, belief_case
+    (model_a, variables_a), (model_b, variables_b), images, targets = belief_case()
+    attack = belief.make_attack_fn(model_a, model_b, 'digits', STEPS, 1.0, mesh, loop='steps')
+    p_a, p_b = belief.transition_curves(attack, variables_a, variables_b, images, targets, 16,
+                                        mesh)
+    predictions = belief.predict(belief.make_predict_fn(model_a, 'digits', mesh), variables_a,
+                                 images, 8, mesh)
+    return p_a, p_b, predictions
+
+
 def worker(out_dir: str, config_path: str, workdir: str):
     """One of two processes, started by run.py's start-up code from the same flags."""
     sys.path.insert(0, ROOT)
@@ -242,14 +256,7 @@ def worker(out_dir: str, config_path: str, workdir: str):
 
     # The belief job: predictions and transition curves over both processes' devices, gathered
     # whole on each (27 pairs in chunks of 16, the last one padded).
-    from zskt_jax import belief
-    from test_belief import STEPS, belief_case
-    (model_a, variables_a), (model_b, variables_b), images, targets = belief_case()
-    attack = belief.make_attack_fn(model_a, model_b, 'digits', STEPS, 1.0, mesh, loop='steps')
-    p_a, p_b = belief.transition_curves(attack, variables_a, variables_b, images, targets, 16,
-                                        mesh)
-    predictions = belief.predict(belief.make_predict_fn(model_a, 'digits', mesh), variables_a,
-                                 images, 8, mesh)
+    p_a, p_b, predictions = belief_outputs(mesh)
     np.savez(os.path.join(out_dir, f'belief{jax.process_index()}.npz'), p_a=p_a, p_b=p_b,
              predictions=predictions)
     key = parallel.replicate(jax.random.key(7), mesh)  # typed keys have no NumPy form
@@ -287,15 +294,8 @@ def test_restore_evaluation_and_batches_on_two_processes(runs, tmp_path):
     assert results[0]['rows'] == list(range(8)) and results[1]['rows'] == list(range(8, 16))
 
     # The belief job's curves and predictions, as one device computes them.
-    from zskt_jax import belief, parallel
-    from test_belief import STEPS, belief_case
-    (model_a, variables_a), (model_b, variables_b), images, targets = belief_case()
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    attack = belief.make_attack_fn(model_a, model_b, 'digits', STEPS, 1.0, mesh, loop='steps')
-    p_a, p_b = belief.transition_curves(attack, variables_a, variables_b, images, targets, 16,
-                                        mesh)
-    predictions = belief.predict(belief.make_predict_fn(model_a, 'digits', mesh), variables_a,
-                                 images, 8, mesh)
+    from zskt_jax import parallel
+    p_a, p_b, predictions = belief_outputs(parallel.make_mesh(jax.devices()[:1]))
     for i in range(2):
         with np.load(tmp_path / f'belief{i}.npz') as gathered:
             np.testing.assert_allclose(gathered['p_a'], p_a, rtol=1e-5, atol=1e-7)

@@ -109,10 +109,10 @@ def _split_size(config, split: str) -> int:
     spec = data.dataset_info(config.dataset)
     builder = tfds.builder(spec.tfds_name, data_dir=config.data_dir or None)
     if not builder.is_prepared():
-        data.load_split(config.dataset, split, config.data_dir or None)  # prepares, or explains
+        load_split(config, split)  # prepares, or explains
         builder = tfds.builder(spec.tfds_name, data_dir=config.data_dir or None)
     if split not in builder.info.splits:
-        data.load_split(config.dataset, split, config.data_dir or None)  # names the known splits
+        load_split(config, split)  # names the known splits
     return builder.info.splits[split].num_examples
 
 
