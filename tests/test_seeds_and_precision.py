@@ -84,3 +84,42 @@ def test_bfloat16_runs_and_keeps_float32_parameters_and_optimizer_state(teacher_
     variables = {'params': student.params, 'batch_stats': student.batch_stats}
     _, groups = models.student.apply(variables, x)
     assert all(g.dtype == jnp.bfloat16 for g in groups)
+
+
+def test_several_seeds_job_reports_each_seed_and_mean_std(tmp_path, digits_data_dir,
+                                                          tiny_teacher):
+    """The zero-shot job with num_seeds = 2: each seed evaluated, mean +- std in results.json,
+    seed 1's accuracy that of a single-seed run with seed 1; on CPU a warning that separate runs
+    are faster."""
+    import json
+    import logging
+    from zskt_jax import zero_shot
+    config = dict(num_iterations=2, adam_eps=1e-3)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger('zskt_jax')
+    logger.addHandler(handler)
+    try:
+        results = zero_shot.train_and_evaluate(
+            tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_seeds=2, **config),
+            str(tmp_path / 'two'))
+    finally:
+        logger.removeHandler(handler)
+    per_seed = results['student_accuracy_per_seed']
+    assert results['seeds'] == [0, 1] and len(per_seed) == 2
+    assert results['student_accuracy'] == pytest.approx(np.mean(per_seed))
+    assert results['student_accuracy_std'] == pytest.approx(np.std(per_seed))
+    with open(tmp_path / 'two' / 'results.json') as f:
+        written = json.load(f)
+    assert written['student_accuracy_per_seed'] == per_seed
+    assert written['history'][-1]['student_accuracy_per_seed'] == per_seed
+    warned = any('num_seeds = 2 on CPU' in r.getMessage() for r in records)
+    assert warned == (jax.default_backend() == 'cpu')
+
+    single = zero_shot.train_and_evaluate(
+        tiny_zero_shot_config(digits_data_dir, tiny_teacher, seed=1, **config),
+        str(tmp_path / 'one'))
+    # Accuracies over 360 images: equal up to one image whose argmax float rounding may flip.
+    assert abs(single['student_accuracy'] - per_seed[1]) <= 1 / 360 + 1e-9
+    assert 'student_accuracy_per_seed' not in single
