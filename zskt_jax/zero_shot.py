@@ -260,10 +260,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                     teacher=common.build_network(config.teacher, info.num_classes, config))
     teacher_variables = parallel.replicate(teacher_variables, mesh)
     generator, student, z_key = create_states(config, models, mesh)
-    if num_seeds(config) > 1 and jax.default_backend() == 'cpu':
-        logger.warning('config.num_seeds = %d on CPU: XLA:CPU runs the vmapped convolutions '
-                       'slowly (3 seeds took 3.9x as long as 3 single-seed runs, README Speed); '
-                       'scripts/seeds.py runs the seeds one after another.', num_seeds(config))
 
     # Resume from the latest checkpoint of this workdir, if any.
     run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
@@ -304,6 +300,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     seeds = seeds_of(config)
     seed_slice = (lambda tree, i: tree) if len(seeds) == 1 else (
         lambda tree, i: jax.tree.map(lambda x: x[i], tree))
+    if len(seeds) > 1 and jax.default_backend() == 'cpu':
+        logger.warning('config.num_seeds = %d on CPU: XLA:CPU runs the vmapped convolutions '
+                       'slowly (3 seeds took 3.9x as long as 3 single-seed runs, README Speed); '
+                       'scripts/seeds.py runs the seeds one after another.', len(seeds))
     # The image grid shows the first seed's generator.
     sample_z = jax.random.normal(jax.random.fold_in(seed_slice(z_key, 0), 2**32 - 1),
                                  (32, config.generator.z_dim))
