@@ -7,6 +7,7 @@ import pytest
 from zskt_jax.state import init_variables
 
 from zskt_jax.models import Generator, build_wide_resnet, parse_arch
+from zskt_jax.models.generator import upsample_conv3x3
 
 
 def count(tree):
@@ -74,6 +75,29 @@ def test_batchnorm_running_variance_is_unbiased():
 def test_bad_architecture_names_are_explained(bad):
     with pytest.raises(ValueError, match='WRN'):
         parse_arch(bad)
+
+
+def test_upsample_conv_equals_conv_of_the_upsampled_input():
+    """The generator's x2 nearest upsampling + 3x3 conv, computed as four 2x2 convs of the
+    low-resolution input: the same outputs and the same input and kernel gradients as the
+    authors' form, conv(Upsample(x)), including at the zero-padded borders."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 4, 6)), jnp.float32)      # non-square, odd height
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 7)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(3, 10, 8, 7)), jnp.float32)
+
+    def reference(x, kernel):
+        upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return jax.lax.conv_general_dilated(upsampled, kernel, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    for fn in (reference, upsample_conv3x3):
+        assert fn(x, kernel).shape == (3, 10, 8, 7)
+    loss = lambda fn: lambda x, k: jnp.sum(fn(x, k) * target)
+    np.testing.assert_allclose(upsample_conv3x3(x, kernel), reference(x, kernel), atol=1e-4)
+    for got, want in zip(jax.grad(loss(upsample_conv3x3), (0, 1))(x, kernel),
+                         jax.grad(loss(reference), (0, 1))(x, kernel)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
