@@ -78,6 +78,26 @@ def test_resume_after_process_exit_is_bitwise_identical(tmp_path, straight_run, 
     results_b = json.load(open(f'{workdir}/results.json'))
     assert results_a['final_train_metrics'] == results_b['final_train_metrics']
     assert results_a['history'][-1]['student_accuracy'] == results_b['history'][-1]['student_accuracy']
+    # Time to accuracy continues across the resume: the second process starts from the time the
+    # iteration-2 checkpoint recorded, so the history's wall times keep increasing.
+    run_checkpoints = checkpoints.RunCheckpoints(f'{workdir}/checkpoints', keep=3)
+    stopped_at = run_checkpoints.restore_meta(2)
+    run_checkpoints.close()
+    times = [entry['wall_time_s'] for entry in results_b['history']]
+    assert [entry['iteration'] for entry in results_b['history']] == [2, 4]
+    assert 0 < times[0] <= stopped_at['wall_time_s'] < times[1] <= results_b['wall_time_s']
+
+
+def test_run_clock_continues_from_the_checkpoint():
+    from zskt_jax.reporting import RunClock
+    clock = RunClock()
+    assert 0 <= clock() < 60
+    clock.resume({'wall_time_s': 1000.0, 'history': [{'wall_time_s': 900.0}]})
+    assert 1000 <= clock() < 1060
+    clock.resume({'history': [{'wall_time_s': 10.0}, {'wall_time_s': 900.0}]})  # older meta
+    assert 900 <= clock() < 960
+    clock.resume({'history': []})
+    assert 0 <= clock() < 60
 
 
 def test_sigterm_stops_cleanly_and_the_rerun_matches(tmp_path, straight_run, digits_data_dir,

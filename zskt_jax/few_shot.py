@@ -15,7 +15,6 @@ Writes ``{workdir}/checkpoints`` (``{'student': state}``, the format belief.load
 ``tensorboard/`` and ``results.json``, as the zero-shot job does.
 """
 import os
-import time
 from typing import Any, Dict
 
 import jax
@@ -167,7 +166,7 @@ def _initial_student(config, state, mesh):
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Train the student with KD+AT on M images per class; returns the results written to
     ``{workdir}/results.json``."""
-    start_time = time.time()
+    clock = reporting.RunClock()  # wall time, summed over resumes
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     info = data.dataset_info(config.dataset)
@@ -207,6 +206,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     if saved is not None:
         state = state.replace_from(saved['student'])
         history, init_meta = meta.get('history', []), meta.get('init_student')
+        clock.resume(meta)
         logger.info('Resumed from %s/%d', run_checkpoints.directory, start_iteration)
     else:
         start_iteration = 0
@@ -220,6 +220,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                              {'config': config_dict, 'iteration': iteration,
                               'teacher_path': os.path.abspath(common.teacher_dir(config)),
                               'teacher_checksum': teacher_meta['checksum'], 'history': history,
+                              'wall_time_s': clock(),
                               'init_student': init_meta}, force=force)
 
     eval_images, eval_labels = common.load_eval_split(config)
@@ -232,7 +233,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     def evaluate(iteration, state):
         accuracy = evaluator({'params': state.params, 'batch_stats': state.batch_stats})
-        elapsed = time.time() - start_time
+        elapsed = clock()  # time to accuracy
         history.append({'iteration': iteration, 'student_accuracy': accuracy,
                         'wall_time_s': elapsed})
         writer.scalars(iteration, {'eval/student_accuracy': accuracy,
@@ -298,7 +299,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         'train_images': int(len(subset)),
         'iterations': total_iterations,
         'init_student': init_meta,
-        'wall_time_s': time.time() - start_time,
+        'wall_time_s': clock(),
         'history': history,
         'final_train_metrics': metrics,
         'teacher_path': os.path.abspath(common.teacher_dir(config)),

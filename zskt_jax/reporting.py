@@ -93,6 +93,26 @@ class Progress:
         return (f'[{iteration}/{self.total}] {rate:.2f} it/s, ETA {format_seconds(eta)} | {shown}')
 
 
+class RunClock:
+    """Wall-clock seconds a run has spent, summed over the processes that ran it.
+
+    Time to accuracy stays monotone across a resume: ``resume(meta)`` continues from the time
+    the checkpoint recorded (its ``wall_time_s``, else its last evaluation's), so the time the
+    run spent stopped is not counted but the work before the stop is.
+    """
+
+    def __init__(self):
+        self._start = time.time()
+        self._offset = 0.0
+
+    def resume(self, meta: Dict) -> None:
+        history = meta.get('history') or [{}]
+        self._offset = float(meta.get('wall_time_s', history[-1].get('wall_time_s', 0.0)))
+
+    def __call__(self) -> float:
+        return self._offset + time.time() - self._start
+
+
 def format_seconds(seconds: float) -> str:
     if not math.isfinite(seconds):
         return '?'

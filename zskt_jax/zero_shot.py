@@ -244,10 +244,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Distil the teacher into the student with no data; returns the results written to
     ``{workdir}/results.json``."""
     import os
-    import time
     from zskt_jax import checkpoints, common, data, parallel, reporting
     logger = reporting.logger
-    start_time = time.time()
+    clock = reporting.RunClock()  # wall time, summed over resumes
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     info = data.dataset_info(config.dataset)
@@ -276,6 +275,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         generator = generator.replace_from(saved['generator'])
         student = student.replace_from(saved['student'])
         history = meta.get('history', [])
+        clock.resume(meta)
         logger.info('Resumed from %s/%d', run_checkpoints.directory, start_iteration)
     else:
         start_iteration = 0
@@ -285,7 +285,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                          'student': student.state_dict()},
                              {'config': config_dict, 'iteration': iteration,
                               'teacher_path': os.path.abspath(common.teacher_dir(config)),
-                              'teacher_checksum': teacher_meta['checksum'], 'history': history},
+                              'teacher_checksum': teacher_meta['checksum'], 'history': history,
+                              'wall_time_s': clock()},
                              force=force)
 
     eval_images, eval_labels = common.load_eval_split(config)
@@ -315,7 +316,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                  'batch_stats': seed_slice(student.batch_stats, i)})
                       for i in range(len(seeds))]
         accuracy = float(np.mean(accuracies))
-        elapsed = time.time() - start_time  # time to accuracy
+        elapsed = clock()  # time to accuracy
         entry = {'iteration': iteration, 'student_accuracy': accuracy, 'wall_time_s': elapsed}
         scalars = {'eval/student_accuracy': accuracy, 'eval/teacher_accuracy': teacher_accuracy,
                    'eval/wall_time_s': elapsed}
@@ -384,7 +385,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         'student_accuracy': history[-1]['student_accuracy'],  # mean over seeds
         'teacher_accuracy': teacher_accuracy,
         'iterations': config.num_iterations,
-        'wall_time_s': time.time() - start_time,
+        'wall_time_s': clock(),
         'history': history,
         'final_train_metrics': metrics,
         'seeds': seeds,
