@@ -232,18 +232,21 @@ def worker(out_dir: str, config_path: str, workdir: str):
              *[np.asarray(leaf) for leaf in jax.tree.leaves(state)])
 
     # Evaluation: this process's share only, combined exactly.
-    model, variables, images, labels, correct = eval_split(EVAL_EXAMPLES)
+    model, variables, images, labels, predictions = eval_split(EVAL_EXAMPLES)
     share = data.shard_indices(EVAL_EXAMPLES, jax.process_index(), jax.process_count())
     evaluator = common.Evaluator(model, 'digits', images[share], labels[share], EVAL_BATCH, mesh)
     result['share'] = share.stop - share.start
     result['local_batches'] = -(-result['share'] // 52)
     result['batches'] = evaluator.num_batches
-    result['accuracy'] = evaluator(parallel.replicate(variables, mesh))
+    counts = evaluator.counts(parallel.replicate(variables, mesh))
+    result['accuracy'] = counts.accuracy
+    result['predicted'] = counts.predicted.tolist()
+    result['numpy_predicted'] = np.bincount(predictions, minlength=10).tolist()
     one_device = parallel.make_mesh(jax.local_devices()[:1])
     result['one_device_accuracy'] = common.Evaluator(
         model, 'digits', images, labels, EVAL_BATCH, one_device)(
             parallel.replicate(variables, one_device))
-    result['numpy_accuracy'] = correct / EVAL_EXAMPLES
+    result['numpy_accuracy'] = int(np.sum(predictions == labels)) / EVAL_EXAMPLES
 
     # Training batches (teacher and few-shot jobs): each process feeds its rows of the global
     # batch that every process draws.
@@ -289,6 +292,7 @@ def test_restore_evaluation_and_batches_on_two_processes(runs, tmp_path):
     for r in results:
         # Exact: integer counts summed over 8 devices and 2 hosts, padding masked out.
         assert r['accuracy'] == r['one_device_accuracy'] == r['numpy_accuracy']
+        assert r['predicted'] == r['numpy_predicted']  # per-class counts over both processes
         assert 0.3 < r['accuracy'] < 0.8
         assert r['batch_sharding_ok'] and r['batch_equal'] and r['key_equal']
     assert results[0]['rows'] == list(range(8)) and results[1]['rows'] == list(range(8, 16))

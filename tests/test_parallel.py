@@ -163,16 +163,22 @@ def eval_split(num_examples: int = EVAL_EXAMPLES):
     predictions = np.asarray(jnp.argmax(logits, -1))
     labels = np.where(rng.random(num_examples) < 0.5, predictions,
                       rng.integers(0, 10, num_examples)).astype(np.int32)
-    return model, variables, images, labels, int(np.sum(predictions == labels))
+    return model, variables, images, labels, predictions
 
 
 def _run_eval(mesh, out):
     from zskt_jax import common, parallel
-    model, variables, images, labels, correct = eval_split()
+    model, variables, images, labels, predictions = eval_split()
     evaluator = common.Evaluator(model, 'digits', images, labels, EVAL_BATCH, mesh)
-    out['accuracy'] = np.float64(evaluator(parallel.replicate(variables, mesh)))
+    variables = parallel.replicate(variables, mesh)
+    out['accuracy'] = np.float64(evaluator(variables))
     out['batches'] = np.int64(evaluator.num_batches)
-    out['numpy_accuracy'] = np.float64(correct / EVAL_EXAMPLES)
+    out['numpy_accuracy'] = np.float64(np.sum(predictions == labels) / EVAL_EXAMPLES)
+    counts = evaluator.counts(variables)
+    out['counts'] = np.stack([counts.correct, counts.examples, counts.predicted])
+    out['numpy_counts'] = np.stack([np.bincount(labels[predictions == labels], minlength=10),
+                                    np.bincount(labels, minlength=10),
+                                    np.bincount(predictions, minlength=10)])
 
 
 def worker(out_path: str):
@@ -271,6 +277,19 @@ def test_accuracy_over_an_uneven_split_is_exact(results):
     assert one['batches'] == everything['batches'] == 4
     assert one['accuracy'] == everything['accuracy'] == one['numpy_accuracy']
     assert 0.3 < one['accuracy'] < 0.8
+    # Per-class counts (correct, examples, predicted), as exact: padding rows never count.
+    np.testing.assert_array_equal(one['counts'], one['numpy_counts'])
+    np.testing.assert_array_equal(everything['counts'], one['numpy_counts'])
+    assert one['counts'][1].sum() == one['counts'][2].sum() == 357
+
+
+def test_class_counts_give_recall_and_the_classes_never_predicted():
+    from zskt_jax.parallel import ClassCounts
+    counts = ClassCounts(correct=np.array([3, 0, 0, 2]), examples=np.array([4, 2, 0, 2]),
+                         predicted=np.array([5, 0, 1, 2]))
+    assert counts.accuracy == 5 / 8
+    assert counts.recall() == [0.75, 0.0, None, 1.0]
+    assert counts.never_predicted() == [1]  # class 2 has no examples: not a symptom
 
 
 def test_batch_that_does_not_divide_is_a_config_error_naming_both_numbers():

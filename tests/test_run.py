@@ -28,6 +28,12 @@ def test_tiny_distillation_writes_results_and_tensorboard(tmp_path, digits_data_
     assert results['iterations'] == 3 and results['config']['n_s'] == 1  # the override reached it
     assert [h['iteration'] for h in results['history']] == [2, 3]
     assert results['wall_time_s'] > 0
+    final = results['history'][-1]
+    assert len(final['per_class_accuracy']) == 10
+    # The classes never predicted are those with no prediction at all, so they score 0 recall.
+    assert all(final['per_class_accuracy'][k] == 0 for k in final['classes_never_predicted'])
+    assert ('never predicts class' in result.stderr + result.stdout) == bool(
+        results['history'][0]['classes_never_predicted'] or final['classes_never_predicted'])
     assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3']
 
     from tensorboard.backend.event_processing import event_accumulator

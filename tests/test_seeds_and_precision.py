@@ -114,6 +114,10 @@ def test_several_seeds_job_reports_each_seed_and_mean_std(tmp_path, digits_data_
         written = json.load(f)
     assert written['student_accuracy_per_seed'] == per_seed
     assert written['history'][-1]['student_accuracy_per_seed'] == per_seed
+    for recall, accuracy in zip(written['history'][-1]['per_class_accuracy_per_seed'], per_seed):
+        # The accuracy is the per-class accuracies' average weighted by class size.
+        assert len(recall) == 10 and min(recall) - 1e-9 <= accuracy <= max(recall) + 1e-9
+    assert len(written['history'][-1]['classes_never_predicted_per_seed']) == 2
     warned = any('num_seeds = 2 on CPU' in r.getMessage() for r in records)
     assert warned == (jax.default_backend() == 'cpu')
 

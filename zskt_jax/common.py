@@ -117,20 +117,24 @@ def _split_size(config, split: str) -> int:
 
 
 class Evaluator:
-    """Top-1 accuracy of a WideResNet (inference-mode BN) on a split held in host memory.
+    """Top-1 accuracy (and per-class counts) of a WideResNet (inference-mode BN) on a split held
+    in host memory.
 
     ``images``/``labels``: this process's share (``load_eval_split``). With several processes
     every process must construct and call the Evaluator together (the evaluation is a collective
-    computation); the accuracy returned is the same exact value on all of them.
+    computation); the results are the same exact values on all of them.
     """
 
     def __init__(self, model, dataset: str, images: np.ndarray, labels: np.ndarray,
                  batch_size: int, mesh):
         self.images, self.labels, self.batch_size, self.mesh = images, labels, batch_size, mesh
         preprocess = lambda x: data.normalize(x, dataset)
-        self.accuracy_fn = parallel.make_accuracy_fn(model.apply, preprocess, mesh)
+        self.counts_fn = parallel.make_counts_fn(model.apply, preprocess, mesh)
         self.num_batches = parallel.num_eval_batches(len(labels), batch_size, mesh)
 
+    def counts(self, variables) -> parallel.ClassCounts:
+        return parallel.evaluate_counts(self.counts_fn, variables, self.images, self.labels,
+                                        self.batch_size, self.mesh, self.num_batches)
+
     def __call__(self, variables) -> float:
-        return parallel.evaluate_accuracy(self.accuracy_fn, variables, self.images, self.labels,
-                                          self.batch_size, self.mesh, self.num_batches)
+        return self.counts(variables).accuracy

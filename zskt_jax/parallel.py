@@ -7,7 +7,7 @@ batch and hands them to JAX with ``jax.make_array_from_process_local_data``, whi
 global array without moving data between hosts.
 """
 import math
-from typing import Callable
+from typing import Callable, List, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -98,19 +98,24 @@ def data_parallel(per_device: Callable, mesh, in_specs, out_specs):
     return jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-def make_accuracy_fn(apply_fn: Callable, preprocess: Callable, mesh):
-    """Compiled (variables, images, labels, mask) -> (correct, counted), summed over devices.
+def make_counts_fn(apply_fn: Callable, preprocess: Callable, mesh):
+    """Compiled (variables, images, labels, mask) -> per-class counts, summed over devices:
+    (correct [C], examples [C], predicted [C]) as int32, C the number of logits.
 
     ``mask`` marks real examples, so padding added to make a batch divisible never counts.
     """
     def per_device(variables, images, labels, mask):
         logits, _ = apply_fn(variables, preprocess(images), train=False)
-        hits = (jnp.argmax(logits, -1) == labels) & mask
-        return (jax.lax.psum(jnp.sum(hits, dtype=jnp.int32), DATA_AXIS),
-                jax.lax.psum(jnp.sum(mask, dtype=jnp.int32), DATA_AXIS))
+        predictions = jnp.argmax(logits, -1)
+        num_classes = logits.shape[-1]
+        per_class = lambda classes, where: jnp.sum(
+            jax.nn.one_hot(classes, num_classes, dtype=jnp.int32) * where[:, None], axis=0)
+        counts = (per_class(labels, mask & (predictions == labels)), per_class(labels, mask),
+                  per_class(predictions, mask))
+        return jax.lax.psum(counts, DATA_AXIS)
 
     batch = P(DATA_AXIS)
-    return jax.jit(data_parallel(per_device, mesh, (P(), batch, batch, batch), (P(), P())))
+    return jax.jit(data_parallel(per_device, mesh, (P(), batch, batch, batch), P()))
 
 
 def pad_batch(images: np.ndarray, labels: np.ndarray, size: int):
@@ -144,27 +149,47 @@ def num_eval_batches(num_local_examples: int, batch_size: int, mesh) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int32(local))))
 
 
-def evaluate_accuracy(accuracy_fn, variables, images: np.ndarray, labels: np.ndarray,
-                      batch_size: int, mesh, num_batches: int = None) -> float:
-    """Top-1 accuracy over a split of which this process holds ``images``/``labels`` (all of it
-    in a single-process run; its ``data.shard_indices`` share with several processes).
+class ClassCounts(NamedTuple):
+    """Evaluation counts per class over a whole split (numpy int64 arrays [num_classes])."""
+    correct: np.ndarray     # examples of the class predicted correctly
+    examples: np.ndarray    # examples of the class
+    predicted: np.ndarray   # examples (of any class) predicted as the class
 
-    Exact whatever the device and process counts: the correct predictions and the real examples
-    are summed over all devices as integers and divided once; padding is masked out.
-    ``num_batches``: from ``num_eval_batches`` (computed here if not given; with several
-    processes that is a collective, so every process must call this together).
+    @property
+    def accuracy(self) -> float:
+        return int(self.correct.sum()) / int(self.examples.sum())
+
+    def recall(self) -> List[Optional[float]]:
+        """Per-class accuracy; None for a class with no examples in the split."""
+        return [int(c) / int(n) if n else None for c, n in zip(self.correct, self.examples)]
+
+    def never_predicted(self) -> List[int]:
+        """Classes present in the split that no example was predicted as: the stalled-student
+        symptom (the generator never made the student learn them)."""
+        return [k for k, (n, p) in enumerate(zip(self.examples, self.predicted)) if n and not p]
+
+
+def evaluate_counts(counts_fn, variables, images: np.ndarray, labels: np.ndarray,
+                    batch_size: int, mesh, num_batches: int = None) -> ClassCounts:
+    """Per-class counts over a split of which this process holds ``images``/``labels`` (all of
+    it in a single-process run; its ``data.shard_indices`` share with several processes).
+
+    Exact whatever the device and process counts: predictions and real examples are counted on
+    every device as integers and summed; padding is masked out. ``num_batches``: from
+    ``num_eval_batches`` (computed here if not given; with several processes that is a
+    collective, so every process must call this together).
     """
     per_process, global_size = eval_batch_sizes(batch_size, mesh)
     if num_batches is None:
         num_batches = num_eval_batches(len(labels), batch_size, mesh)
-    correct = counted = 0
+    totals = None
     for b in range(num_batches):
         start = b * per_process
         batch = pad_batch(images[start:start + per_process], labels[start:start + per_process],
                           per_process)
-        c, n = accuracy_fn(variables, *global_batch(batch, mesh, global_size))
-        correct += int(c)
-        counted += int(n)
-    if counted == 0:
-        raise ValueError('evaluate_accuracy: the evaluation split is empty')
-    return correct / counted
+        counts = [np.asarray(c, np.int64) for c in
+                  counts_fn(variables, *global_batch(batch, mesh, global_size))]
+        totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
+    if totals is None or totals[1].sum() == 0:
+        raise ValueError('evaluate_counts: the evaluation split is empty')
+    return ClassCounts(*totals)

@@ -312,26 +312,40 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         {'params': g.params, 'batch_stats': g.batch_stats}, sample_z, train=False))
 
     def evaluate(iteration, generator, student):
-        accuracies = [evaluator({'params': seed_slice(student.params, i),
-                                 'batch_stats': seed_slice(student.batch_stats, i)})
-                      for i in range(len(seeds))]
+        counts = [evaluator.counts({'params': seed_slice(student.params, i),
+                                    'batch_stats': seed_slice(student.batch_stats, i)})
+                  for i in range(len(seeds))]
+        accuracies = [c.accuracy for c in counts]
         accuracy = float(np.mean(accuracies))
         elapsed = clock()  # time to accuracy
+        # Per-class accuracy, and the classes the student never predicts: a stalled run (one
+        # whose generator never made it learn a class) shows here, not in the training losses.
+        per_class = [c.recall() for c in counts]
+        never = [c.never_predicted() for c in counts]
         entry = {'iteration': iteration, 'student_accuracy': accuracy, 'wall_time_s': elapsed}
         scalars = {'eval/student_accuracy': accuracy, 'eval/teacher_accuracy': teacher_accuracy,
                    'eval/wall_time_s': elapsed}
-        if len(seeds) > 1:
-            entry['student_accuracy_per_seed'] = accuracies
-            scalars.update({f'eval/student_accuracy_seed{s}': a for s, a in zip(seeds, accuracies)})
+        if len(seeds) == 1:
+            entry.update(per_class_accuracy=per_class[0], classes_never_predicted=never[0])
+            scalars['eval/classes_never_predicted'] = len(never[0])
+        else:
+            entry.update(student_accuracy_per_seed=accuracies,
+                         per_class_accuracy_per_seed=per_class,
+                         classes_never_predicted_per_seed=never)
+            for s, a, n in zip(seeds, accuracies, never):
+                scalars.update({f'eval/student_accuracy_seed{s}': a,
+                                f'eval/classes_never_predicted_seed{s}': len(n)})
         history.append(entry)
         writer.scalars(iteration, scalars)
         writer.image(iteration, 'generated', reporting.image_grid(
             np.asarray(jax.device_get(draw_samples(seed_slice(generator, 0)))), info.mean,
             info.std))
         writer.flush()
-        logger.info('[%d/%d] student test accuracy %s (teacher %.2f%%)', iteration,
+        stalled = [('' if len(seeds) == 1 else f'seed {s} ') + 'never predicts class '
+                   + ', '.join(map(str, n)) for s, n in zip(seeds, never) if n]
+        logger.info('[%d/%d] student test accuracy %s (teacher %.2f%%)%s', iteration,
                     config.num_iterations, ', '.join(f'{100 * a:.2f}%' for a in accuracies),
-                    100 * teacher_accuracy)
+                    100 * teacher_accuracy, ''.join('; ' + line for line in stalled))
         return accuracy
 
     progress = reporting.Progress(start_iteration, config.num_iterations)
