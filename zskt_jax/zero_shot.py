@@ -303,7 +303,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         lambda tree, i: jax.tree.map(lambda x: x[i], tree))
     if len(seeds) > 1 and jax.default_backend() == 'cpu':
         logger.warning('config.num_seeds = %d on CPU: XLA:CPU runs the vmapped convolutions '
-                       'slowly (3 seeds took 3.9x as long as 3 single-seed runs, README Speed); '
+                       'slowly (3 seeds took 3.7x as long as 3 single-seed runs, README Speed); '
                        'scripts/seeds.py runs the seeds one after another.', len(seeds))
     # The image grid shows the first seed's generator.
     sample_z = jax.random.normal(jax.random.fold_in(seed_slice(z_key, 0), 2**32 - 1),
