@@ -29,10 +29,11 @@ def upsample_conv3x3(x, kernel, conv=jax.lax.conv_general_dilated):
     low-resolution input with summed taps (``_phase_taps``): 16 instead of 36 multiply-adds per
     input pixel and channel pair, forward and backward, and no gradient through the upsampling.
     The same function as the authors' Upsample + Conv2d up to float32 rounding (tested).
-    x: [B, H, W, Ci], kernel: [3, 3, Ci, Co] (HWIO) -> [B, 2H, 2W, Co].
+    x: [B, H, W, Ci], kernel: [3, 3, Ci, Co] (HWIO) -> [B, 2H, 2W, Co]. The taps are summed in
+    the kernel's dtype (float32 parameters), then cast to x's (the compute dtype).
     """
     batch, height, width, _ = x.shape
-    phases = [[conv(x, k, (1, 1), (row_pad, col_pad),
+    phases = [[conv(x, k.astype(x.dtype), (1, 1), (row_pad, col_pad),
                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
                for k, col_pad in _phase_taps(row_kernel, 1)]
               for row_kernel, row_pad in _phase_taps(kernel, 0)]
@@ -54,9 +55,8 @@ class UpsampleConv(nn.Module):
         fan_in = x.shape[-1] * 9
         kernel = self.param('kernel', torch_uniform(fan_in), (3, 3, x.shape[-1], self.features))
         bias = self.param('bias', torch_uniform(fan_in), (self.features,))
-        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
         conv = chunked_weight_grad_conv(self.weight_grad_chunk) or jax.lax.conv_general_dilated
-        return upsample_conv3x3(x, kernel, conv) + bias
+        return upsample_conv3x3(x.astype(self.dtype), kernel, conv) + bias.astype(self.dtype)
 
 
 class Generator(nn.Module):
