@@ -187,9 +187,10 @@ def evaluate_counts(counts_fn, variables, images: np.ndarray, labels: np.ndarray
         start = b * per_process
         batch = pad_batch(images[start:start + per_process], labels[start:start + per_process],
                           per_process)
-        counts = [np.asarray(c, np.int64) for c in
-                  counts_fn(variables, *global_batch(batch, mesh, global_size))]
-        totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
-    if totals is None or totals[1].sum() == 0:
+        batch_counts = [np.asarray(c, np.int64) for c in
+                        counts_fn(variables, *global_batch(batch, mesh, global_size))]
+        totals = batch_counts if totals is None else [t + c for t, c in zip(totals, batch_counts)]
+    counts = ClassCounts(*totals) if totals else None
+    if counts is None or counts.examples.sum() == 0:
         raise ValueError('evaluate_counts: the evaluation split is empty')
-    return ClassCounts(*totals)
+    return counts

@@ -7,8 +7,6 @@ import flax.linen as nn
 
 from zskt_jax.models.layers import BatchNorm, chunked_weight_grad_conv, torch_uniform
 
-PAD1 = ((1, 1), (1, 1))
-
 
 def _phase_taps(kernel, axis: int):
     """A 3-tap kernel along ``axis`` seen from the x2 nearest-upsampled grid's two phases.
@@ -84,7 +82,7 @@ class Generator(nn.Module):
 
         def conv(x, ch, name):
             fan_in = x.shape[-1] * 9
-            return nn.Conv(ch, (3, 3), padding=PAD1, dtype=self.dtype, name=name,
+            return nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=name,
                            kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in),
                            conv_general_dilated=chunked_weight_grad_conv(self.weight_grad_chunk))(x)
 
