@@ -190,13 +190,13 @@ def time_jax(config, repeats: int, warmup: int, log=print):
     teacher_variables = initialise(models.teacher.init, jax.random.key(config.seed + 1),
                                    jnp.zeros((2,) + tuple(info.image_shape)))
     teacher_variables = parallel.replicate(teacher_variables, mesh)
-    generator, student, z_key = initialise(lambda: zero_shot.create_states(config, models, mesh))
+    state, z_key = initialise(lambda: zero_shot.create_states(config, models, mesh))
     unroll = zero_shot.use_unrolled_loops(config)
     iteration_fn = zero_shot.make_iteration_fn(models, config, mesh)
 
     setup_s = time.perf_counter() - setup_start
     start = time.perf_counter()
-    compiled = iteration_fn.lower(generator, student, teacher_variables, z_key).compile()
+    compiled = iteration_fn.lower(state, teacher_variables, z_key).compile()
     compile_s = time.perf_counter() - start
     flops_compiled = xla_flops(compiled)
     if unroll:
@@ -207,23 +207,23 @@ def time_jax(config, repeats: int, warmup: int, log=print):
         unrolled_config = config.copy_and_resolve_references()
         unrolled_config.update_loop = 'unroll'
         unrolled = zero_shot.make_iteration_fn(models, unrolled_config, mesh)
-        flops = xla_flops(unrolled.lower(generator, student, teacher_variables, z_key).compile())
+        flops = xla_flops(unrolled.lower(state, teacher_variables, z_key).compile())
         flops_note = (f'XLA cost analysis of the same iteration compiled unrolled; the scan '
                       f'program reports {fmt_flops(flops_compiled)}: XLA counts a loop body once')
 
-    def step(generator, student):
-        generator, student, metrics = compiled(generator, student, teacher_variables, z_key)
+    def step(state):
+        state, metrics = compiled(state, teacher_variables, z_key)
         # Block on each iteration, as training does (DESIGN.md: CPU collectives in a loop).
-        jax.block_until_ready((generator, student, metrics))
-        return generator, student, metrics
+        jax.block_until_ready((state, metrics))
+        return state, metrics
 
     metrics = None
     for _ in range(warmup):
-        generator, student, metrics = step(generator, student)
+        state, metrics = step(state)
     times = []
     for k in range(repeats):
         start = time.perf_counter()
-        generator, student, metrics = step(generator, student)
+        state, metrics = step(state)
         times.append(time.perf_counter() - start)
         log(f'  [jax] iteration {k + 1}/{repeats}: {times[-1]:.3f} s')
     finite = all(bool(np.all(np.isfinite(np.asarray(v)))) for v in jax.device_get(metrics).values())

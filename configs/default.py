@@ -35,6 +35,15 @@ def get_config():
     config.grad_clip = 5.0            # global L2 norm, both networks
     config.beta = 250.0               # attention-transfer weight (student loss only)
 
+    # Stabilisers of the data-free methods after ZSKT (REFERENCE.md, "After the paper"). All off
+    # here and in every paper config: the paper's iteration, bit for bit (nothing is traced).
+    config.adversarial_loss = 'kl'    # D(T, S) of both players: 'kl' (ZSKT) | 'l1' (DFAD's mean |logit diff|)
+    config.bn_weight = 0.0            # DeepInversion/DFQ/CMI: ||running - batch|| of every teacher BN input, on G
+    config.balance_weight = 0.0       # DAFL: sum_c p_c log p_c of the batch-mean teacher softmax, on G
+    config.one_hot_weight = 0.0       # DAFL/DFQ: teacher cross-entropy against its own argmax, on G
+    config.replay_size = 0            # CMI's image pool: past generated images kept (a multiple of batch_size)
+    config.replay_batch = 0           # images replayed from it into every student batch
+
     config.eval_every = 500           # iterations between evaluations (N / 100); also at the end
     config.eval_batch_size = 500
     config.log_every = 50             # iterations between progress lines and scalar summaries

@@ -1,5 +1,6 @@
 """Golden values of the paper's zero-shot iteration, recorded with the code before the
-stabilisers were added (commit 2e44447), so that the paper's iteration provably stays as it was.
+stabilisers were added (commit 2e44447), so that the paper's iteration provably stays as it was
+(tests/test_stabilisers.py compares against them).
 
     python tests/golden_iteration.py        # rewrites tests/golden/paper_iteration.npz
 
@@ -53,16 +54,15 @@ def run_iterations(config, iterations: int = ITERATIONS):
     teacher = init_variables(models.teacher, jax.random.key(42), jnp.zeros((1, 32, 32, 3)))
     teacher['params']['fc']['kernel'] = teacher['params']['fc']['kernel'] * 20  # confident
     teacher = parallel.replicate(teacher, mesh)
-    generator, student, z_key = create_states(config, models, mesh)
+    state, z_key = create_states(config, models, mesh)
     step = make_iteration_fn(models, config, mesh)
     out = {}
     for i in range(iterations):
-        outputs = step(generator, student, teacher, z_key)
-        generator, student, metrics = outputs[0], outputs[1], outputs[-1]
+        state, metrics = step(state, teacher, z_key)
         out.update({f'metrics{i}/{k}': np.asarray(v) for k, v in metrics.items()})
-    for name, state in (('generator', generator), ('student', student)):
+    for name in ('generator', 'student'):
         for path, leaf in jax.tree_util.tree_flatten_with_path(
-                jax.device_get(state.state_dict()))[0]:
+                jax.device_get(getattr(state, name).state_dict()))[0]:
             out[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
     return out
 

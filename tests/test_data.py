@@ -103,6 +103,22 @@ def test_digits_prepare_is_deterministic(tmp_path, digits_train, digits_test):
         np.testing.assert_array_equal(labels_again, labels)
 
 
+def test_digits_16x16_are_the_same_scans_in_2x2_blocks(digits_dir, digits_train, digits_test):
+    """digits16 (builder config 16x16) holds the 32x32 images subsampled by 2: the same scans,
+    each pixel a 2x2 block, the same labels and order; the 32x32 data are what the builder
+    served before it had configs (tfds.builder('digits') is still them)."""
+    for split, (images, labels) in (("train", digits_train), ("test", digits_test)):
+        small, small_labels = data.load_split("digits16", split, data_dir=digits_dir)
+        assert small.shape == (len(labels), 16, 16, 3) and small.dtype == np.uint8
+        np.testing.assert_array_equal(small_labels, labels)
+        np.testing.assert_array_equal(small, images[:, ::2, ::2])
+        blocks = small.reshape(-1, 8, 2, 8, 2, 3)
+        np.testing.assert_array_equal(blocks, np.broadcast_to(blocks[:, :, :1, :, :1], blocks.shape))
+    assert tfds.builder("digits", data_dir=digits_dir).builder_config.name == "32x32"
+    with pytest.raises(ValueError, match="size 12 is not a multiple of 8"):
+        digits_builder.digits_to_images(np.zeros((1, 8, 8)), 12)
+
+
 def test_digits_normalisation_constants_match_data(digits_train):
     spec = data.dataset_info("digits")
     scaled = digits_train[0].astype(np.float64) / 255.0
@@ -129,9 +145,14 @@ def test_dataset_info_entries_and_unknown_name():
     assert data.dataset_info("cifar10").std == (0.2023, 0.1994, 0.2010)
     assert data.dataset_info("cifar100").num_classes == 100
     for spec in data.DATASETS.values():
-        assert spec.image_shape == (32, 32, 3)
+        assert spec.image_shape == ((16, 16, 3) if spec.name == "digits16" else (32, 32, 3))
         assert (spec.train_split, spec.test_split) == ("train", "test")
-    with pytest.raises(ValueError, match=r"'mnist'.*cifar10, cifar100, digits, svhn"):
+    # The two digits resolutions: builder configs of one builder, the same constants.
+    assert data.dataset_info("digits").tfds_name == "digits/32x32"
+    assert data.dataset_info("digits16").tfds_name == "digits/16x16"
+    assert data.dataset_info("digits16").mean == data.dataset_info("digits").mean
+    assert data.dataset_info("digits16").std == data.dataset_info("digits").std
+    with pytest.raises(ValueError, match=r"'mnist'.*cifar10, cifar100, digits, digits16, svhn"):
         data.dataset_info("mnist")
 
 

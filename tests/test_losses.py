@@ -76,3 +76,58 @@ def test_kd_at_loss():
                                  [jnp.array(a) for a in acts_s], [jnp.array(a) for a in acts_t],
                                  alpha=0.9, temperature=4.0, beta=1000.0)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The later methods' stabilisers (REFERENCE.md, "After the paper"), against NumPy.
+
+def test_mean_absolute_difference_is_dfad_l1():
+    rng = np.random.default_rng(3)
+    t, s = rng.normal(size=(6, 10)) * 2, rng.normal(size=(6, 10)) * 2
+    expected = np.mean(np.abs(t - s))
+    np.testing.assert_allclose(losses.mean_absolute_difference(jnp.array(t), jnp.array(s)),
+                               expected, rtol=1e-6)
+    l1 = losses.adversarial_discrepancy('l1')
+    np.testing.assert_allclose(losses.generator_loss(jnp.array(t), jnp.array(s), l1), -expected,
+                               rtol=1e-6)
+    loss, value, at = losses.student_loss(jnp.array(t), jnp.array(s), (), (), 0.0, l1)
+    np.testing.assert_allclose([loss, value], [expected, expected], rtol=1e-6)
+    assert losses.adversarial_discrepancy('kl') is losses.kl_divergence
+
+
+def test_unknown_adversarial_loss_is_named():
+    import pytest
+    with pytest.raises(ValueError, match=r"adversarial_loss = 'l2'; choose one of \['kl', 'l1'\]"):
+        losses.adversarial_discrepancy('l2')
+
+
+def test_class_balance_is_the_negative_entropy_of_the_batch_mean_softmax():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(8, 10)) * 3
+    p = np_softmax(logits).mean(0)
+    expected = np.sum(p * np.log(p))  # natural log; -log(10) at a uniform batch mean
+    np.testing.assert_allclose(losses.class_balance_loss(jnp.array(p)), expected, rtol=1e-6)
+    uniform = jnp.full((10,), 0.1)
+    np.testing.assert_allclose(losses.class_balance_loss(uniform), -np.log(10), rtol=1e-6)
+    # One class only: entropy 0, the largest value (the generator minimises this term); a class
+    # with p = 0 contributes 0 (p log p -> 0), not NaN.
+    assert float(losses.class_balance_loss(jnp.eye(10)[3])) == 0.0
+
+
+def test_one_hot_is_the_teacher_cross_entropy_against_its_own_argmax():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(7, 10)) * 2
+    log_p = np.log(np_softmax(logits))
+    expected = -np.mean(log_p[np.arange(7), logits.argmax(-1)])
+    np.testing.assert_allclose(losses.one_hot_loss(jnp.array(logits)), expected, rtol=1e-6)
+
+
+def test_bn_statistics_loss_sums_unsquared_norms_over_layers():
+    rng = np.random.default_rng(6)
+    layers = {('a', 'bn1'): 4, ('b', 'bn2'): 6}
+    moments, running, expected = {}, {}, 0.0
+    for layer, channels in layers.items():
+        mean, var, rm, rv = (rng.normal(size=channels) for _ in range(4))
+        moments[layer], running[layer] = (jnp.array(mean), jnp.array(var)), (jnp.array(rm), jnp.array(rv))
+        expected += np.sqrt(np.sum((rv - var) ** 2)) + np.sqrt(np.sum((rm - mean) ** 2))
+    np.testing.assert_allclose(losses.bn_statistics_loss(moments, running), expected, rtol=1e-6)

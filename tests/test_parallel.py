@@ -94,7 +94,14 @@ def _keep_first_gradient():
         update=update)
 
 
-def _run_steps(mesh, out):
+# Every stabiliser of the later methods on (tests/test_stabilisers.py): the L1 criterion, the
+# BatchNorm-statistics, balance and one-hot terms, and a replay memory of 3 batches from which
+# 8 images (1 per device) join every student batch.
+STABILISERS = dict(adversarial_loss='l1', bn_weight=0.5, balance_weight=2.0, one_hot_weight=0.5,
+                   replay_size=3 * BATCH, replay_batch=8)
+
+
+def _run_steps(mesh, out, **overrides):
     """3 iterations of the zero-shot step on ``mesh``; the optimizers also keep the first
     gradient each network received (the raw gradient, before clipping and Adam)."""
     import jax
@@ -106,18 +113,21 @@ def _run_steps(mesh, out):
     # See test_three_iterations_on_8_devices_equal_1_device: with the paper's eps (1e-8) Adam
     # turns float32 rounding noise in near-zero gradients into whole-step differences.
     config.adam_eps = ADAM_EPS
+    for name, value in overrides.items():
+        config[name] = value
     teacher_variables = parallel.replicate(teacher_variables, mesh)
-    generator, student, z_key = create_states(config, models, mesh)
+    state, z_key = create_states(config, models, mesh)
     tx = optax.chain(_keep_first_gradient(),
                      adam(config.grad_clip, config.adam_b1, config.adam_b2, config.adam_eps))
     generator, student = (s.replace(tx=tx, opt_state=parallel.replicate(tx.init(s.params), mesh))
-                          for s in (generator, student))
+                          for s in (state.generator, state.student))
+    state = state.replace(generator=generator, student=student)
     step = make_iteration_fn(models, config, mesh)
     for _ in range(3):
-        generator, student, metrics = step(generator, student, teacher_variables, z_key)
+        state, metrics = step(state, teacher_variables, z_key)
         jax.block_until_ready(metrics)  # collectives in flight on 2 CPU cores can deadlock
-    out.update(_flat({'generator': generator.state_dict(), 'student': student.state_dict()},
-                     'step'))
+    generator, student = state.generator, state.student
+    out.update(_flat(state.state_dict(), 'step'))
     out.update(_flat(metrics, 'metrics'))
     out.update(_flat({'generator': generator.opt_state[0]['first'],
                       'student': student.opt_state[0]['first']}, 'grad'))
@@ -190,6 +200,9 @@ def worker(out_path: str):
                        ('all', parallel.make_mesh())):
         results = {}
         _run_steps(mesh, results)
+        stabilised = {}
+        _run_steps(mesh, stabilised, **STABILISERS)
+        results.update({f'stabilised/{k}': v for k, v in stabilised.items()})
         _run_teacher_step(mesh, results)
         _run_eval(mesh, results)
         out.update({f'{name}/{k}': v for k, v in results.items()})
@@ -246,6 +259,31 @@ def test_three_iterations_on_8_devices_equal_1_device(results):
             np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5, err_msg=name)
     for name, one, eight in _pairs(results, 'metrics'):
         np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_stabilised_iterations_on_8_devices_equal_1_device(results):
+    """The same with every stabiliser on: the whole-batch BatchNorm moments and class balance
+    (averaged over devices before the non-linear norms and logarithm), the one-hot and L1 terms,
+    and the replay memory (each device writes the gathered global batch and draws its rows of
+    the global replay indices): the same states, memory included, as one device. Tolerances
+    as above."""
+    pairs = _pairs(results, 'stabilised/step')
+    assert any("['replay']" in name for name, _, _ in pairs)
+    for name, one, eight in pairs:
+        if one.dtype.kind != 'f':
+            np.testing.assert_array_equal(eight, one, err_msg=name)
+        else:
+            np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5, err_msg=name)
+    metrics = _pairs(results, 'stabilised/metrics')
+    assert {'bn_statistics', 'class_balance', 'one_hot', 'l1'} <= {
+        name.split("'")[1] for name, _, _ in metrics}
+    for name, one, eight in metrics:
+        np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-7, err_msg=name)
+    for network in ("stabilised/grad['generator']", "stabilised/grad['student']"):
+        pairs = _pairs(results, network)
+        scale = max(float(np.max(np.abs(one))) for _, one, _ in pairs)
+        for name, one, eight in pairs:
+            np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
 def test_gradients_on_8_devices_equal_1_device(results):

@@ -41,11 +41,11 @@ def teacher_variables():
 
 def run(config, models, teacher_variables, iterations=2):
     mesh = parallel.make_mesh()
-    generator, student, z_key = create_states(config, models, mesh)
+    state, z_key = create_states(config, models, mesh)
     step = make_iteration_fn(models, config, mesh)
     for _ in range(iterations):
-        generator, student, metrics = step(generator, student, teacher_variables, z_key)
-    return generator, student, metrics
+        state, metrics = step(state, teacher_variables, z_key)
+    return state.generator, state.student, metrics
 
 
 def test_two_seeds_in_one_program_equal_two_single_seed_runs(teacher_variables):

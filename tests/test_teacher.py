@@ -4,6 +4,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from zskt_jax import teacher
 
@@ -27,15 +28,21 @@ def test_step_learning_rate_divides_by_five_at_30_60_80_percent():
                                rtol=1e-6)
 
 
-def test_crop_augmentation_shifts_within_four_pixels():
-    images = jnp.arange(2 * 32 * 32 * 3, dtype=jnp.int32).reshape(2, 32, 32, 3) % 251 + 1
+@pytest.mark.parametrize('size, pad', [(32, 4), (16, 2)])
+def test_crop_augmentation_shifts_within_an_eighth_of_the_image(size, pad):
+    """RandomCrop(32, padding=4) at 32x32 (the paper's); the same proportion, 2 pixels, at 16."""
+    images = jnp.arange(8 * size * size * 3, dtype=jnp.int32).reshape(8, size, size, 3) % 251 + 1
     images = images.astype(jnp.uint8)
     out = np.asarray(teacher.augment(jax.random.key(0), images, 'crop'))
     assert out.shape == images.shape
+    shifts = set()
     for original, cropped in zip(np.asarray(images), out):
-        padded = np.pad(original, ((4, 4), (4, 4), (0, 0)))
-        assert any(np.array_equal(padded[dy:dy + 32, dx:dx + 32], cropped)
-                   for dy in range(9) for dx in range(9))
+        padded = np.pad(original, ((pad, pad), (pad, pad), (0, 0)))
+        found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 if np.array_equal(padded[dy:dy + size, dx:dx + size], cropped)]
+        assert found
+        shifts.update(found)
+    assert len(shifts) > 1
     np.testing.assert_array_equal(teacher.augment(jax.random.key(0), images, 'none'), images)
 
 

@@ -8,7 +8,7 @@ from zskt_jax import losses, parallel
 from zskt_jax.models import Generator, build_wide_resnet
 from zskt_jax.parallel import DATA_AXIS
 from zskt_jax.state import init_variables, cosine_learning_rate
-from zskt_jax.zero_shot import Models, create_states, draw_z, make_iteration_fn
+from zskt_jax.zero_shot import Models, ZeroShotState, create_states, draw_z, make_iteration_fn
 
 from conftest import tiny_zero_shot_config
 
@@ -26,8 +26,8 @@ def setup():
     # A teacher with confident, non-uniform beliefs (an untrained one is nearly uniform).
     teacher_variables['params']['fc']['kernel'] = teacher_variables['params']['fc']['kernel'] * 20
     teacher_variables = parallel.replicate(teacher_variables, mesh)
-    generator, student, z_key = create_states(config, models, mesh)
-    return config, models, mesh, teacher_variables, generator, student, z_key
+    state, z_key = create_states(config, models, mesh)
+    return config, models, mesh, teacher_variables, state.generator, state.student, z_key
 
 
 def kl_on(models, generator, student, teacher_variables, z):
@@ -62,13 +62,15 @@ def test_generator_update_increases_kl_and_student_updates_decrease_it(setup):
     # Generator step alone: n_s = 1 with a zero student learning rate leaves S's weights as they are.
     with config_g.unlocked():
         config_g.student_lr = 0.0
-    g1, s1, _ = make_iteration_fn(models, config_g, mesh)(generator, student, teacher_variables, z_key)
+    state = ZeroShotState(generator, student)
+    after_generator, _ = make_iteration_fn(models, config_g, mesh)(state, teacher_variables, z_key)
+    g1, s1 = after_generator.generator, after_generator.student
     kl_after_generator = kl_on(models, g1, student.replace(batch_stats=s1.batch_stats),
                                teacher_variables, z)
     assert kl_after_generator > kl_start
 
-    g2, s2, metrics = make_iteration_fn(models, config, mesh)(generator, student, teacher_variables,
-                                                              z_key)
+    after, metrics = make_iteration_fn(models, config, mesh)(state, teacher_variables, z_key)
+    g2, s2 = after.generator, after.student
     kl_after_student = kl_on(models, g2, s2, teacher_variables, z)
     kl_before_student = kl_on(models, g2, student.replace(batch_stats=s2.batch_stats),
                               teacher_variables, z)
@@ -80,23 +82,26 @@ def test_step_is_pure_and_leaves_the_teacher_unchanged(setup):
     config, models, mesh, teacher_variables, generator, student, z_key = setup
     teacher_copy = jax.tree.map(np.array, jax.device_get(teacher_variables))
     step = make_iteration_fn(models, config, mesh)
-    out1 = step(generator, student, teacher_variables, z_key)
-    out2 = step(generator, student, teacher_variables, z_key)
+    state = ZeroShotState(generator, student)
+    out1 = step(state, teacher_variables, z_key)
+    out2 = step(state, teacher_variables, z_key)
     for a, b in zip(jax.tree.leaves(out1), jax.tree.leaves(out2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree.leaves(teacher_copy), jax.tree.leaves(teacher_variables)):
         np.testing.assert_array_equal(a, np.asarray(b))
     # A different key gives a different z, hence different parameters.
-    out3 = step(generator, student, teacher_variables, jax.random.key(123))
-    assert not np.array_equal(np.asarray(jax.tree.leaves(out3[1].params)[0]),
-                              np.asarray(jax.tree.leaves(out1[1].params)[0]))
+    out3 = step(state, teacher_variables, jax.random.key(123))
+    assert not np.array_equal(np.asarray(jax.tree.leaves(out3[0].student.params)[0]),
+                              np.asarray(jax.tree.leaves(out1[0].student.params)[0]))
 
 
 def test_cosine_schedule_is_stepped_once_per_iteration(setup):
     config, models, mesh, teacher_variables, generator, student, z_key = setup
     step = make_iteration_fn(models, config, mesh)
+    state = ZeroShotState(generator, student)
     for k in range(3):
-        generator, student, metrics = step(generator, student, teacher_variables, z_key)
+        state, metrics = step(state, teacher_variables, z_key)
+        generator, student = state.generator, state.student
         lrs = np.asarray(metrics['student_lr_per_update'])
         assert lrs.shape == (config.n_s,)
         # Every update of iteration k uses lr_k = lr_0 * 0.5 * (1 + cos(pi k / N)).
@@ -115,10 +120,9 @@ def test_scan_and_unrolled_updates_agree(setup):
         c = config.copy_and_resolve_references()
         c.update_loop = mode
         c.adam_eps = 1e-3  # see test_seeds_and_precision: keeps zero-gradient elements still
-        generator, student, z_key = create_states(c, models, mesh)
-        outputs.append(make_iteration_fn(models, c, mesh)(generator, student, teacher_variables,
-                                                          z_key))
-    for a, b in zip(jax.tree.leaves(outputs[0][:2]), jax.tree.leaves(outputs[1][:2])):
+        state, z_key = create_states(c, models, mesh)
+        outputs.append(make_iteration_fn(models, c, mesh)(state, teacher_variables, z_key))
+    for a, b in zip(jax.tree.leaves(outputs[0][0]), jax.tree.leaves(outputs[1][0])):
         # Another summation order only: far below one Adam step (lr 2e-3) that a wrong update
         # order would change.
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)

@@ -115,17 +115,23 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def compare_configs(saved: Dict[str, Any], current: Dict[str, Any], fields) -> list:
-    """The dotted fields whose values differ between a checkpoint's config and this run's."""
+def compare_configs(saved: Dict[str, Any], current: Dict[str, Any], fields,
+                    defaults: Optional[Dict[str, Any]] = None) -> list:
+    """The dotted fields whose values differ between a checkpoint's config and this run's.
+
+    ``defaults``: the value a field had implicitly in checkpoints written before it existed
+    (a field absent from the checkpoint's config is compared as that value)."""
     current = json.loads(json.dumps(current))  # as it would be saved: tuples become lists
-    def get(d, dotted):
+    defaults = defaults or {}
+    def get(d, dotted, default='<absent>'):
         for part in dotted.split('.'):
             if not isinstance(d, dict) or part not in d:
-                return '<absent>'
+                return default
             d = d[part]
         return d
-    return [f'{f}: checkpoint {get(saved, f)!r}, now {get(current, f)!r}'
-            for f in fields if get(saved, f) != get(current, f)]
+    return [f'{f}: checkpoint {get(saved, f, defaults.get(f, "<absent>"))!r}, now '
+            f'{get(current, f)!r}'
+            for f in fields if get(saved, f, defaults.get(f, '<absent>')) != get(current, f)]
 
 
 class CheckpointCorruptedError(RuntimeError):
@@ -133,7 +139,7 @@ class CheckpointCorruptedError(RuntimeError):
 
 
 def restore_latest(run_checkpoints: RunCheckpoints, target: Dict[str, Any], config_dict,
-                   fields, *, fallback: bool = False, validate_meta=None):
+                   fields, *, fallback: bool = False, validate_meta=None, defaults=None):
     """Restore the newest checkpoint of a run, refusing any that another configuration wrote.
 
     Returns (step, state, meta), or (None, None, None) for a fresh run. A checkpoint that cannot
@@ -149,7 +155,7 @@ def restore_latest(run_checkpoints: RunCheckpoints, target: Dict[str, Any], conf
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is reported
             meta, failure = None, error
         if meta is not None:
-            differences = compare_configs(meta.get('config', {}), config_dict, fields)
+            differences = compare_configs(meta.get('config', {}), config_dict, fields, defaults)
             if differences:
                 raise CheckpointMismatchError(
                     f'The checkpoint at {run_checkpoints.directory}/{step} was written by another '

@@ -35,12 +35,22 @@ DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
         # Computed once from the 'train' split of zskt_jax/datasets/digits.py (grey, so the
-        # channels are equal); tests/test_data.py checks them against the data.
+        # channels are equal; nearest-neighbour upscaling leaves them equal at every size);
+        # tests/test_data.py checks them against the data.
         DatasetSpec(
             name="digits",
-            tfds_name="digits",
+            tfds_name="digits/32x32",
             num_classes=10,
             image_shape=(32, 32, 3),
+            mean=(0.3054, 0.3054, 0.3054),
+            std=(0.3760, 0.3760, 0.3760),
+        ),
+        # The same scans at 16x16 (2x2 blocks): the CPU default's resolution (configs/digits.py).
+        DatasetSpec(
+            name="digits16",
+            tfds_name="digits/16x16",
+            num_classes=10,
+            image_shape=(16, 16, 3),
             mean=(0.3054, 0.3054, 0.3054),
             std=(0.3760, 0.3760, 0.3760),
         ),
@@ -74,7 +84,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 # Datasets whose TFDS builder prepares them without a network.
-_OFFLINE_DATASETS = frozenset({"digits"})
+_OFFLINE_DATASETS = frozenset({"digits", "digits16"})
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -123,18 +133,18 @@ def load_split(
     """A whole split in memory, in the split's stored order.
 
     Args:
-        name: a key of DATASETS ('digits', 'svhn', 'cifar10', 'cifar100').
+        name: a key of DATASETS ('digits', 'digits16', 'svhn', 'cifar10', 'cifar100').
         split: a TFDS split of it, normally spec.train_split or spec.test_split (TFDS slicing
             such as 'train[:1000]' works too).
         data_dir: the TFDS data directory; None means TFDS's default ($TFDS_DATA_DIR or
-            ~/tensorflow_datasets). 'digits' is prepared there on first use, offline.
+            ~/tensorflow_datasets). The digits are prepared there on first use, offline.
 
     Returns:
-        images [N, 32, 32, 3] uint8 and labels [N] int32.
+        images [N, H, W, 3] uint8 (the spec's image_shape) and labels [N] int32.
 
     Raises:
         ValueError: unknown dataset or split.
-        DatasetNotPreparedError: a dataset other than 'digits' is not prepared in data_dir.
+        DatasetNotPreparedError: a dataset other than the digits is not prepared in data_dir.
     """
     spec = dataset_info(name)
     builder = tfds.builder(
@@ -173,7 +183,7 @@ def load_split(
 
 
 def normalize(images, name: str) -> jnp.ndarray:
-    """uint8 images [..., 32, 32, 3] -> float32 (x / 255 - mean) / std, per channel.
+    """uint8 images [..., H, W, 3] -> float32 (x / 255 - mean) / std, per channel.
 
     jnp, so that it runs inside jit on the accelerator and images travel there as uint8 (4x
     less to transfer); `name` must be a static Python string.

@@ -44,15 +44,17 @@ def attention_transfer(student_activations: Sequence, teacher_activations: Seque
     return total
 
 
-def generator_loss(teacher_logits, student_logits):
-    """The generator maximises KL(T || S): loss_G = -KL. No attention term (REFERENCE.md)."""
-    return -kl_divergence(teacher_logits, student_logits)
+def generator_loss(teacher_logits, student_logits, discrepancy=kl_divergence):
+    """The generator maximises KL(T || S): loss_G = -KL. No attention term (REFERENCE.md).
+    ``discrepancy``: another D(T, S) in place of the KL (``adversarial_discrepancy``)."""
+    return -discrepancy(teacher_logits, student_logits)
 
 
 def student_loss(teacher_logits, student_logits, teacher_activations, student_activations,
-                 beta: float):
-    """loss_S = KL(T || S) + beta * AT; returns (loss, kl, at)."""
-    kl = kl_divergence(teacher_logits, student_logits)
+                 beta: float, discrepancy=kl_divergence):
+    """loss_S = KL(T || S) + beta * AT; returns (loss, kl, at). ``discrepancy``: as in
+    ``generator_loss`` (then the second value is that discrepancy)."""
+    kl = discrepancy(teacher_logits, student_logits)
     at = attention_transfer(student_activations, teacher_activations) if beta > 0 else jnp.zeros(())
     return kl + beta * at, kl, at
 
@@ -75,3 +77,58 @@ def kd_at_loss(student_logits, teacher_logits, labels, student_activations, teac
     at = attention_transfer(student_activations, teacher_activations) if beta > 0 else jnp.zeros(())
     loss = (1 - alpha) * ce + 2 * alpha * temperature ** 2 * kl + beta * at
     return loss, ce, kl, at
+
+
+# ---------------------------------------------------------------------------------------------
+# Stabilisers of the later data-free methods (REFERENCE.md, "After the paper"). None is part of
+# ZSKT; each is a config field, off in the paper configs.
+
+def mean_absolute_difference(teacher_logits, student_logits):
+    """DFAD's discrepancy: mean over batch and classes of |logit_T - logit_S| (the L1 criterion,
+    maximised by the generator and minimised by the student in place of the KL)."""
+    return jnp.mean(jnp.abs(teacher_logits.astype(jnp.float32)
+                            - student_logits.astype(jnp.float32)))
+
+
+ADVERSARIAL_LOSSES = {'kl': kl_divergence, 'l1': mean_absolute_difference}
+
+
+def adversarial_discrepancy(name: str):
+    """config.adversarial_loss -> the discrepancy D(T, S) the generator maximises and the student
+    minimises: 'kl' (ZSKT, ``kl_divergence``) or 'l1' (DFAD, ``mean_absolute_difference``)."""
+    if name not in ADVERSARIAL_LOSSES:
+        raise ValueError(f'config.adversarial_loss = {name!r}; choose one of '
+                         f'{sorted(ADVERSARIAL_LOSSES)}')
+    return ADVERSARIAL_LOSSES[name]
+
+
+def bn_statistics_loss(input_moments, running_statistics):
+    """DeepInversion's BatchNorm-statistics term, summed over layers:
+    sum_l ||running_var_l - var_l||_2 + ||running_mean_l - mean_l||_2 (norms, not squared).
+
+    input_moments: {layer: (mean [C], biased var [C])} of each BatchNorm's input on the batch;
+    running_statistics: {layer: (running_mean [C], running_var [C])}, the same layers.
+    """
+    if set(input_moments) != set(running_statistics):
+        raise ValueError(f'BatchNorm layers differ: {sorted(input_moments)} vs '
+                         f'{sorted(running_statistics)}')
+    total = jnp.zeros((), jnp.float32)
+    for layer in sorted(input_moments):
+        mean, var = input_moments[layer]
+        running_mean, running_var = running_statistics[layer]
+        total = total + (jnp.linalg.norm(running_var - var) + jnp.linalg.norm(running_mean - mean))
+    return total
+
+
+def class_balance_loss(mean_probabilities):
+    """DAFL's information-entropy term: sum_c p_c log p_c of the batch-mean teacher softmax p
+    [C] (the negative entropy, natural log); minimising it makes every class keep being
+    generated. ``p`` must be the mean over the WHOLE batch (all devices)."""
+    p = mean_probabilities.astype(jnp.float32)
+    return jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)))
+
+
+def one_hot_loss(teacher_logits):
+    """DAFL's / DFQ's one-hot term: the teacher's cross-entropy against its own argmax
+    (confident teacher predictions on the generated images)."""
+    return cross_entropy(teacher_logits, jnp.argmax(teacher_logits, axis=-1))

@@ -32,16 +32,18 @@ def step_learning_rate(base_lr: float, epoch, total_epochs: int, milestones, dec
 
 
 def augment(key, images, mode: str):
-    """uint8 [B, H, W, C] -> augmented uint8 batch. 'crop': random 32x32 crop of the image padded
-    by 4 zero pixels (torchvision RandomCrop(32, padding=4)); 'crop_flip': plus horizontal flip."""
+    """uint8 [B, H, W, C] -> augmented uint8 batch. 'crop': random HxW crop of the image padded
+    by H/8 zero pixels (at 32x32: torchvision RandomCrop(32, padding=4); 2 pixels at 16x16);
+    'crop_flip': plus horizontal flip."""
     if mode == 'none':
         return images
     if mode not in ('crop', 'crop_flip'):
         raise ValueError(f"augment = {mode!r}; choose 'none', 'crop' or 'crop_flip'")
     b, h, w, _ = images.shape
     crop_key, flip_key = jax.random.split(key)
-    padded = jnp.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
-    offsets = jax.random.randint(crop_key, (b, 2), 0, 9)
+    pad = h // 8
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * pad + 1)
     images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
         padded, offsets)
     if mode == 'crop_flip':

@@ -2,12 +2,15 @@
 import functools
 from typing import Any, Callable, Dict, NamedTuple
 
+import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import losses
+from zskt_jax import losses, parallel
+from zskt_jax.models.layers import INPUT_MOMENTS
 from zskt_jax.parallel import DATA_AXIS, data_parallel
 from zskt_jax.preemption import PreemptionGuard
 from zskt_jax.state import TrainState, cosine_learning_rate
@@ -18,6 +21,66 @@ class Models(NamedTuple):
     generator: Any
     student: Any
     teacher: Any
+
+
+class Stabilisers(NamedTuple):
+    """The terms that the data-free methods after ZSKT add to its loop (REFERENCE.md, "After the
+    paper"), read from the config. The defaults are the paper's loop: nothing added, nothing
+    traced. Each weight scales a term of the GENERATOR's loss; replay changes the student's batch.
+    """
+    adversarial_loss: str = 'kl'    # D(T, S) of both players: 'kl' (ZSKT) | 'l1' (DFAD)
+    bn_weight: float = 0.0          # DeepInversion / DFQ / CMI: teacher BN input statistics
+    balance_weight: float = 0.0     # DAFL: negative entropy of the batch-mean teacher softmax
+    one_hot_weight: float = 0.0     # DAFL / DFQ: teacher cross-entropy against its own argmax
+    replay_size: int = 0            # CMI's image pool: generated images kept (0 = off)
+    replay_batch: int = 0           # images drawn from it into every student batch
+
+    @classmethod
+    def from_config(cls, config) -> 'Stabilisers':
+        stabilisers = cls(**{field: config[field] for field in cls._fields})
+        losses.adversarial_discrepancy(stabilisers.adversarial_loss)  # a clear error if unknown
+        for field in ('bn_weight', 'balance_weight', 'one_hot_weight', 'replay_size',
+                      'replay_batch'):
+            if getattr(stabilisers, field) < 0:
+                raise ValueError(f'config.{field} = {getattr(stabilisers, field)}; it must be '
+                                 '>= 0 (0 turns it off)')
+        if (stabilisers.replay_size > 0) != (stabilisers.replay_batch > 0):
+            raise ValueError(f'config.replay_size = {stabilisers.replay_size} and '
+                             f'config.replay_batch = {stabilisers.replay_batch}: set both (replay '
+                             'on) or neither (off)')
+        if stabilisers.replay_size % config.batch_size:
+            raise ValueError(f'config.replay_size = {stabilisers.replay_size} must be a multiple '
+                             f'of config.batch_size = {config.batch_size}: every iteration writes '
+                             'one whole batch into the memory')
+        return stabilisers
+
+    @property
+    def replay(self) -> bool:
+        return self.replay_size > 0
+
+
+@flax.struct.dataclass
+class ZeroShotState:
+    """Everything a zero-shot run trains and carries from one iteration to the next.
+
+    ``replay``: [replay_size, H, W, C] float32, the generated images of past iterations (a ring
+    buffer: iteration k writes its batch at rows (k mod (replay_size / B)) * B ...), or None
+    when replay is off. It is state like the networks': checkpointed, restored, replicated.
+    """
+    generator: TrainState
+    student: TrainState
+    replay: Any = None
+
+    def state_dict(self):
+        saved = {'generator': self.generator.state_dict(), 'student': self.student.state_dict()}
+        if self.replay is not None:
+            saved['replay'] = self.replay
+        return saved
+
+    def replace_from(self, saved):
+        return self.replace(generator=self.generator.replace_from(saved['generator']),
+                            student=self.student.replace_from(saved['student']),
+                            replay=saved.get('replay'))
 
 
 def _pmean(x):
@@ -52,20 +115,44 @@ def use_unrolled_loops(config) -> bool:
     return mode == 'unroll' or (mode == 'auto' and jax.default_backend() == 'cpu')
 
 
+def _bn_layers(input_moments, batch_stats):
+    """The sown input moments and the running statistics of the same BatchNorms, keyed by the
+    layer's path: ({path: (mean, var)}, {path: (running_mean, running_var)})."""
+    sown = flax.traverse_util.flatten_dict(input_moments)     # {(..., 'moments'): ((m, v),)}
+    running = flax.traverse_util.flatten_dict(batch_stats)    # {(..., 'mean' | 'var'): [C]}
+    moments = {path[:-1]: value[0] for path, value in sown.items()}
+    return moments, {layer: (running[layer + ('mean',)], running[layer + ('var',)])
+                     for layer in moments}
+
+
 def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_steps: int,
                         beta: float, num_iterations: int, generator_lr: float,
-                        student_lr: float, unroll: bool = False) -> Callable:
+                        student_lr: float, unroll: bool = False,
+                        stabilisers: Stabilisers = Stabilisers()) -> Callable:
     """Per-device body of one iteration: n_g generator updates, then n_s student updates.
 
     (generator, student, teacher_variables, z [B_local, z_dim]) -> (generator, student, metrics).
+    With replay on (``stabilisers.replay``) the body also takes the memory (replicated) and this
+    device's rows of the iteration's replay indices, and returns the updated memory:
+    (..., z, memory, replay_indices [R_local]) -> (generator, student, metrics, memory).
     Losses are ``pmean``-ed over the ``data`` axis before differentiation, so gradients are the
     global-batch average whatever the device count (DESIGN.md, shard_map pitfall).
     ``unroll``: trace the n_g and n_s updates one after another instead of as a ``lax.scan``
-    (see ``repeat``); the result is the same.
+    (see ``repeat``); the result is the same. Stabilisers with weight 0 are not traced at all.
     """
+    discrepancy = losses.adversarial_discrepancy(stabilisers.adversarial_loss)
+    # The metrics name the discrepancy: 'kl' for the paper's loop, 'l1' for DFAD's.
+    name = stabilisers.adversarial_loss
+
     def teacher_forward(teacher_variables, x):
         # Inference-mode BatchNorm; the teacher's variables are closed over, never differentiated.
         return models.teacher.apply(teacher_variables, x, train=False)
+
+    def teacher_forward_with_moments(teacher_variables, x):
+        # The same forward pass, also returning the batch moments of every BatchNorm's input.
+        outputs, sown = models.teacher.apply(teacher_variables, x, train=False,
+                                             mutable=[INPUT_MOMENTS])
+        return outputs, sown[INPUT_MOMENTS]
 
     def student_forward(params, batch_stats, x):
         # Training-mode BatchNorm: its running statistics move at every forward (REFERENCE.md).
@@ -78,7 +165,24 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
             {'params': params, 'batch_stats': batch_stats}, z, train=True, mutable=['batch_stats'])
         return images, updated['batch_stats']
 
-    def body(generator: TrainState, student: TrainState, teacher_variables, z):
+    def stabiliser_terms(teacher_variables, teacher_logits, input_moments):
+        """The generator-loss terms of the later methods that are on: {name: (weight, value)},
+        each already the whole-batch value (identical on every device)."""
+        terms = {}
+        if stabilisers.bn_weight:
+            moments, running = _bn_layers(input_moments, teacher_variables['batch_stats'])
+            terms['bn_statistics'] = (stabilisers.bn_weight,
+                                      losses.bn_statistics_loss(moments, running))
+        if stabilisers.balance_weight:
+            mean_probabilities = _pmean(jnp.mean(jax.nn.softmax(teacher_logits, -1), axis=0))
+            terms['class_balance'] = (stabilisers.balance_weight,
+                                      losses.class_balance_loss(mean_probabilities))
+        if stabilisers.one_hot_weight:
+            terms['one_hot'] = (stabilisers.one_hot_weight,
+                                _pmean(losses.one_hot_loss(teacher_logits)))
+        return terms
+
+    def body(generator: TrainState, student: TrainState, teacher_variables, z, *replay):
         iteration = student.step
         lr_g = cosine_learning_rate(generator_lr, iteration, num_iterations)
         lr_s = cosine_learning_rate(student_lr, iteration, num_iterations)
@@ -89,17 +193,30 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
 
             def loss_fn(params):
                 images, gen_stats = generate(params, generator.batch_stats, z)
-                teacher_logits, _ = teacher_forward(teacher_variables, images)
+                if stabilisers.bn_weight:
+                    (teacher_logits, _), input_moments = teacher_forward_with_moments(
+                        teacher_variables, images)
+                else:
+                    (teacher_logits, _), input_moments = teacher_forward(
+                        teacher_variables, images), None
                 student_logits, _, student_stats_new = student_forward(
                     student.params, student_stats, images)
-                loss = _pmean(losses.generator_loss(teacher_logits, student_logits))
-                return loss, (gen_stats, student_stats_new)
+                loss = _pmean(losses.generator_loss(teacher_logits, student_logits, discrepancy))
+                terms = stabiliser_terms(teacher_variables, teacher_logits, input_moments)
+                adversarial = loss
+                for weight, value in terms.values():
+                    loss = loss + weight * value
+                return loss, (gen_stats, student_stats_new, adversarial,
+                              {k: value for k, (_, value) in terms.items()})
 
-            (loss, (gen_stats, student_stats)), grads = jax.value_and_grad(
+            (loss, (gen_stats, student_stats, adversarial, terms)), grads = jax.value_and_grad(
                 loss_fn, has_aux=True)(generator.params)
-            return (generator.apply_gradients(grads, lr_g, gen_stats), student_stats), loss
+            outputs = {'generator_loss': loss}
+            if terms:
+                outputs.update(terms, generator_adversarial=adversarial)
+            return (generator.apply_gradients(grads, lr_g, gen_stats), student_stats), outputs
 
-        (generator, student_stats), generator_losses = repeat(
+        (generator, student_stats), generator_outputs = repeat(
             generator_update, (generator, student.batch_stats), n_generator_steps, unroll)
         student = student.replace(batch_stats=student_stats)
 
@@ -108,6 +225,16 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
         images, gen_stats = generate(generator.params, generator.batch_stats, z)
         generator = generator.replace(batch_stats=gen_stats)
         images = jax.lax.stop_gradient(images)
+        if stabilisers.replay:
+            # CMI's image pool: this iteration's whole batch goes into the memory, then the
+            # student's batch is the new images plus this device's rows of the replayed ones.
+            memory, replay_indices = replay
+            # 'invarying': the gathered batch is the same on every device, as the memory is.
+            batch = jax.lax.all_gather(images, DATA_AXIS, axis=0, tiled=True,
+                                       to='invarying')  # [B, H, W, C]
+            slot = (iteration % (memory.shape[0] // batch.shape[0])) * batch.shape[0]
+            memory = jax.lax.dynamic_update_slice_in_dim(memory, batch, slot, axis=0)
+            images = jnp.concatenate([images, memory[replay_indices]], axis=0)
         teacher_logits, teacher_activations = teacher_forward(teacher_variables, images)
 
         def student_update(student, _):
@@ -115,7 +242,8 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
                 student_logits, student_activations, stats = student_forward(
                     params, student.batch_stats, images)
                 loss, kl, at = losses.student_loss(teacher_logits, student_logits,
-                                                   teacher_activations, student_activations, beta)
+                                                   teacher_activations, student_activations, beta,
+                                                   discrepancy)
                 return _pmean(loss), (stats, kl, at, student_logits)
 
             (loss, (stats, kl, at, student_logits)), grads = jax.value_and_grad(
@@ -129,12 +257,13 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
 
         student, student_metrics = repeat(student_update, student, n_student_steps, unroll)
         metrics = {
-            'generator_loss': generator_losses[-1],
+            # The generator's last update (and, with stabilisers, each of its loss terms).
+            **{k: v[-1] for k, v in generator_outputs.items()},
             # The student metrics of the first update describe the images as the generator left
             # them; those of the last show how far the n_s updates closed the gap.
             'student_loss': student_metrics['student_loss'][-1],
-            'kl_before_student_updates': student_metrics['kl'][0],
-            'kl': student_metrics['kl'][-1],
+            f'{name}_before_student_updates': student_metrics['kl'][0],
+            name: student_metrics['kl'][-1],
             'attention': student_metrics['attention'][-1],
             'student_max_prob': student_metrics['student_max_prob'][-1],
             'agreement': student_metrics['agreement'][-1],
@@ -144,8 +273,9 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
             # The learning rate each of the n_s updates applied: constant within an iteration.
             'student_lr_per_update': student_metrics['student_lr'],
         }
-        return (generator.replace(step=generator.step + 1), student.replace(step=student.step + 1),
-                metrics)
+        outputs = (generator.replace(step=generator.step + 1),
+                   student.replace(step=student.step + 1), metrics)
+        return outputs + ((memory,) if stabilisers.replay else ())
 
     return body
 
@@ -156,31 +286,62 @@ def draw_z(base_key, iteration, batch_size: int, z_dim: int):
     return jax.random.normal(jax.random.fold_in(base_key, iteration), (batch_size, z_dim))
 
 
-def make_iteration_fn(models: Models, config, mesh) -> Callable:
-    """The compiled iteration: (generator, student, teacher_variables, z_key) -> (gen, stu, metrics).
+# fold_in(fold_in(z key, iteration), REPLAY_STREAM): the key of an iteration's replay draw.
+REPLAY_STREAM = 1
 
-    jit(shard_map(body)): states and the teacher replicated, the z batch sharded over ``data``.
-    With ``config.num_seeds = k > 1`` the states, keys and metrics carry a leading seed axis and
-    the body is vmapped over it: k independent generator/student pairs, one teacher, one program.
+
+def draw_replay_indices(base_key, iteration, batch_size: int, replay_size: int,
+                        replay_batch: int):
+    """The iteration's global replay draw: ``replay_batch`` rows, uniformly with replacement,
+    of the memory rows written so far (this iteration's batch included), from (seed key,
+    iteration) only, like z."""
+    key = jax.random.fold_in(jax.random.fold_in(base_key, iteration), REPLAY_STREAM)
+    filled = jnp.minimum((iteration + 1) * batch_size, replay_size)
+    return jax.random.randint(key, (replay_batch,), 0, filled)
+
+
+def make_iteration_fn(models: Models, config, mesh) -> Callable:
+    """The compiled iteration: (state, teacher_variables, z_key) -> (state, metrics).
+
+    jit(shard_map(body)): states, the replay memory and the teacher replicated, the z batch (and
+    the replay draw) sharded over ``data``. With ``config.num_seeds = k > 1`` the states, keys
+    and metrics carry a leading seed axis and the body is vmapped over it: k independent
+    generator/student pairs, one teacher, one program.
     """
+    stabilisers = Stabilisers.from_config(config)
     body = make_iteration_body(
         models, n_generator_steps=config.n_g, n_student_steps=config.n_s, beta=config.beta,
         num_iterations=config.num_iterations, generator_lr=config.generator_lr,
-        student_lr=config.student_lr, unroll=use_unrolled_loops(config))
+        student_lr=config.student_lr, unroll=use_unrolled_loops(config), stabilisers=stabilisers)
     draw = functools.partial(draw_z, batch_size=config.batch_size, z_dim=config.generator.z_dim)
+    draw_replay = functools.partial(draw_replay_indices, batch_size=config.batch_size,
+                                    replay_size=stabilisers.replay_size,
+                                    replay_batch=stabilisers.replay_batch)
+    parallel.check_divisible(stabilisers.replay_batch, mesh, 'replay_batch')
+    replay_args = 2 if stabilisers.replay else 0
     if num_seeds(config) == 1:
         z_spec = P(DATA_AXIS)                                     # z: [B, z_dim]
     else:
-        body = jax.vmap(body, in_axes=(0, 0, None, 0))
-        draw = jax.vmap(draw)
+        body = jax.vmap(body, in_axes=(0, 0, None, 0) + (0,) * replay_args)
+        draw, draw_replay = jax.vmap(draw), jax.vmap(draw_replay)
         z_spec = P(None, DATA_AXIS)                               # z: [seeds, B, z_dim]
-    sharded = data_parallel(body, mesh, in_specs=(P(), P(), P(), z_spec),
-                            out_specs=(P(), P(), P()))
+    # The memory is replicated, the replay draw sharded like z.
+    replay_specs = (P(), z_spec)[:replay_args]
+    sharded = data_parallel(body, mesh, in_specs=(P(), P(), P(), z_spec) + replay_specs,
+                            out_specs=(P(), P(), P()) + replay_specs[:1])
 
     @jax.jit
-    def iteration_fn(generator, student, teacher_variables, z_key):
-        z = draw(z_key, student.step)
-        return sharded(generator, student, teacher_variables, z)
+    def iteration_fn(state: ZeroShotState, teacher_variables, z_key):
+        iteration = state.student.step
+        z = draw(z_key, iteration)
+        if not stabilisers.replay:
+            generator, student, metrics = sharded(state.generator, state.student,
+                                                  teacher_variables, z)
+            return ZeroShotState(generator, student), metrics
+        generator, student, metrics, memory = sharded(
+            state.generator, state.student, teacher_variables, z, state.replay,
+            draw_replay(z_key, iteration))
+        return ZeroShotState(generator, student, memory), metrics
 
     return iteration_fn
 
@@ -196,7 +357,11 @@ class NonFiniteLossError(FloatingPointError):
 RESUME_FIELDS = ('dataset', 'teacher.arch', 'teacher.base_width', 'student.arch',
                  'student.base_width', 'generator.z_dim', 'generator.hidden', 'num_iterations',
                  'batch_size', 'n_g', 'n_s', 'generator_lr', 'student_lr', 'adam_b1', 'adam_b2',
-                 'adam_eps', 'grad_clip', 'beta', 'seed', 'compute_dtype', 'num_seeds')
+                 'adam_eps', 'grad_clip', 'beta', 'seed', 'compute_dtype', 'num_seeds',
+                 *Stabilisers._fields)
+# A checkpoint written before the stabilisers existed ran the paper's loop: it resumes into a
+# run whose stabilisers are all off.
+RESUME_DEFAULTS = Stabilisers()._asdict()
 
 
 def num_seeds(config) -> int:
@@ -212,7 +377,8 @@ def seeds_of(config):
 
 
 def create_states(config, models: Models, mesh):
-    """Fresh generator and student states (replicated), and the key of the z stream.
+    """A fresh ``ZeroShotState`` (replicated; an empty replay memory if replay is on), and the
+    key of the z stream.
 
     Seed s gives the same states and z stream whether it is trained alone or among
     ``num_seeds`` pairs (then stacked along a leading seed axis).
@@ -227,13 +393,15 @@ def create_states(config, models: Models, mesh):
         generator = create_state(models.generator, generator_key,
                                  jnp.zeros((2, config.generator.z_dim)), tx)
         student = create_state(models.student, student_key, jnp.zeros((2,) + info.image_shape), tx)
-        return generator, student, z_key
+        replay_size = Stabilisers.from_config(config).replay_size
+        replay = (np.zeros((replay_size,) + info.image_shape, np.float32) if replay_size
+                  else None)
+        return ZeroShotState(generator, student, replay), z_key
 
     per_seed = [for_seed(seed) for seed in seeds_of(config)]
-    generator, student, z_key = per_seed[0] if len(per_seed) == 1 else jax.tree.map(
+    state, z_key = per_seed[0] if len(per_seed) == 1 else jax.tree.map(
         lambda *xs: jnp.stack(xs), *per_seed)
-    generator, student = parallel.replicate((generator, student), mesh)
-    return generator, student, z_key
+    return parallel.replicate(state, mesh), z_key
 
 
 def _is_finite(metrics) -> bool:
@@ -258,7 +426,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                     student=common.build_network(config.student, info.num_classes, config),
                     teacher=common.build_network(config.teacher, info.num_classes, config))
     teacher_variables = parallel.replicate(teacher_variables, mesh)
-    generator, student, z_key = create_states(config, models, mesh)
+    state, z_key = create_states(config, models, mesh)
 
     # Resume from the latest checkpoint of this workdir, if any.
     run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
@@ -267,22 +435,20 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     same_teacher = checkpoints.same_teacher_as(teacher_meta, common.teacher_dir(config))
     start_iteration, saved, meta = checkpoints.restore_latest(
-        run_checkpoints, {'generator': generator.state_dict(), 'student': student.state_dict()},
-        config_dict, RESUME_FIELDS, fallback=config.get('resume_fallback', False),
-        validate_meta=same_teacher)
+        run_checkpoints, state.state_dict(), config_dict, RESUME_FIELDS,
+        fallback=config.get('resume_fallback', False), validate_meta=same_teacher,
+        defaults=RESUME_DEFAULTS)
     history = []
     if saved is not None:
-        generator = generator.replace_from(saved['generator'])
-        student = student.replace_from(saved['student'])
+        state = state.replace_from(saved)
         history = meta.get('history', [])
         clock.resume(meta)
         logger.info('Resumed from %s/%d', run_checkpoints.directory, start_iteration)
     else:
         start_iteration = 0
 
-    def save(iteration, generator, student, force=False):
-        run_checkpoints.save(iteration, {'generator': generator.state_dict(),
-                                         'student': student.state_dict()},
+    def save(iteration, state, force=False):
+        run_checkpoints.save(iteration, state.state_dict(),
                              {'config': config_dict, 'iteration': iteration,
                               'teacher_path': os.path.abspath(common.teacher_dir(config)),
                               'teacher_checksum': teacher_meta['checksum'], 'history': history,
@@ -311,7 +477,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     draw_samples = jax.jit(lambda g: models.generator.apply(
         {'params': g.params, 'batch_stats': g.batch_stats}, sample_z, train=False))
 
-    def evaluate(iteration, generator, student):
+    def evaluate(iteration, state):
+        student = state.student
         counts = [evaluator.counts({'params': seed_slice(student.params, i),
                                     'batch_stats': seed_slice(student.batch_stats, i)})
                   for i in range(len(seeds))]
@@ -338,7 +505,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         history.append(entry)
         writer.scalars(iteration, scalars)
         writer.image(iteration, 'generated', reporting.image_grid(
-            np.asarray(jax.device_get(draw_samples(seed_slice(generator, 0)))), info.mean,
+            np.asarray(jax.device_get(draw_samples(seed_slice(state.generator, 0)))), info.mean,
             info.std))
         writer.flush()
         stalled = [('' if len(seeds) == 1 else f'seed {s} ') + 'never predicts class '
@@ -354,33 +521,33 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     metrics = {}
     with PreemptionGuard() as preemption:
         for iteration in range(start_iteration, config.num_iterations):
-            new_generator, new_student, step_metrics = iteration_fn(generator, student,
-                                                                    teacher_variables, z_key)
+            new_state, step_metrics = iteration_fn(state, teacher_variables, z_key)
             # One scalar per seed; with several seeds the logged value is their mean (a NaN in
             # any seed makes it NaN).
             step_metrics = {k: float(np.mean(v)) for k, v in jax.device_get(step_metrics).items()
-                            if np.ndim(v) == np.ndim(step_metrics['kl'])}
+                            if np.ndim(v) == np.ndim(step_metrics['student_loss'])}
             if not _is_finite(step_metrics):
                 # Keep the last good states: the iteration that produced non-finite values is
                 # dropped, its predecessor saved.
-                save(iteration, generator, student, force=True)
+                save(iteration, state, force=True)
                 run_checkpoints.wait()
                 bad = {k: v for k, v in step_metrics.items() if not np.isfinite(v)}
                 raise NonFiniteLossError(
                     f'Non-finite values at iteration {iteration + 1}: {bad}. The states before '
                     f'it are saved in {run_checkpoints.directory}/{iteration}; lower the learning '
                     'rates or check the teacher.')
-            generator, student, metrics = new_generator, new_student, step_metrics
+            state, metrics = new_state, step_metrics
             done = iteration + 1
             if done % config.log_every == 0 or done == config.num_iterations:
                 logger.info(progress.line(done, {k: metrics[k] for k in (
-                    'generator_loss', 'student_loss', 'kl', 'attention', 'agreement')}))
+                    'generator_loss', 'student_loss', config.adversarial_loss, 'attention',
+                    'agreement')}))
                 writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
             if done % config.eval_every == 0 or done == config.num_iterations:
-                evaluate(done, generator, student)
+                evaluate(done, state)
             stop = preemption.requested() or (stop_after and done - start_iteration >= stop_after)
             if done % config.checkpoint_every == 0 or done == config.num_iterations or stop:
-                save(done, generator, student, force=bool(stop))
+                save(done, state, force=bool(stop))
             if stop and done < config.num_iterations:
                 stopped_at = done
                 break
@@ -391,7 +558,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         writer.close()
         return checkpoints.stopped('zero_shot', run_checkpoints, stopped_at)
     if not history or history[-1]['iteration'] != config.num_iterations:
-        evaluate(config.num_iterations, generator, student)
+        evaluate(config.num_iterations, state)
     writer.close()
     results = {
         'job': 'zero_shot',

@@ -8,6 +8,10 @@ import flax.linen as nn
 
 Dtype = Any
 
+# The collection in which inference-mode BatchNorms sow the (mean, biased variance) of their
+# input when it is mutable: ``apply(..., mutable=[INPUT_MOMENTS])``.
+INPUT_MOMENTS = 'input_moments'
+
 
 def torch_uniform(fan_in: int, scale: float = 1.0):
     """U(-b, b) with b = scale / sqrt(fan_in): PyTorch's default Linear/Conv init.
@@ -46,7 +50,6 @@ class BatchNorm(nn.Module):
         use_running_average = nn.merge_param(
             'use_running_average', self.use_running_average, use_running_average)
         features = x.shape[-1]
-        reduce_axes = tuple(range(x.ndim - 1))
         ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
         ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
         scale = self.param('scale', nn.initializers.ones, (features,)) if self.use_scale else None
@@ -54,15 +57,13 @@ class BatchNorm(nn.Module):
 
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
+            if self.is_mutable_collection(INPUT_MOMENTS) and not self.is_initializing():
+                # The batch moments of this layer's INPUT, for BatchNorm-statistics matching
+                # (DeepInversion; REFERENCE.md, "After the paper"): computed only when the
+                # caller asks for them, normalisation still uses the running statistics.
+                self.sow(INPUT_MOMENTS, 'moments', self.batch_moments(x, features)[:2])
         else:
-            x32 = x.astype(jnp.float32)
-            mean = jnp.mean(x32, axis=reduce_axes)
-            mean_sq = jnp.mean(jnp.square(x32), axis=reduce_axes)
-            count = x.size // features
-            if self.axis_name is not None and not self.is_initializing():
-                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
-                count = count * jax.lax.axis_size(self.axis_name)
-            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            mean, var, count = self.batch_moments(x, features)
             if not self.is_initializing():
                 unbiased = var * (count / max(count - 1, 1))
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
@@ -76,6 +77,19 @@ class BatchNorm(nn.Module):
         if bias is not None:
             shift = shift + bias
         return (x.astype(jnp.float32) * inv + shift).astype(dtype)
+
+    def batch_moments(self, x, features: int):
+        """(mean, biased variance, count) of x over every axis but the channels, in float32;
+        with ``axis_name``, of the whole batch over that mesh axis."""
+        reduce_axes = tuple(range(x.ndim - 1))
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=reduce_axes)
+        mean_sq = jnp.mean(jnp.square(x32), axis=reduce_axes)
+        count = x.size // features
+        if self.axis_name is not None and not self.is_initializing():
+            mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+            count = count * jax.lax.axis_size(self.axis_name)
+        return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0), count
 
 
 @functools.lru_cache(maxsize=None)
