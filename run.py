@@ -66,13 +66,36 @@ def load_config_file(path: str):
     return module.get_config()
 
 
+# What a teacher recipe takes from the config that asked for it: the data it must classify and
+# the network the distillation will load (a recipe's own values would train another teacher).
+TEACHER_RECIPE_OVERRIDES = ('dataset', 'data_dir', 'teacher.arch', 'teacher.base_width',
+                            'compute_dtype')
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def teacher_recipe_config(config):
+    """The config of ``config.teacher.recipe`` (a path relative to the project, or absolute),
+    with the fields of TEACHER_RECIPE_OVERRIDES taken from ``config``."""
+    recipe = config.teacher.recipe
+    teacher_config = load_config_file(os.path.join(PROJECT_ROOT, recipe))
+    with teacher_config.unlocked():
+        for dotted in TEACHER_RECIPE_OVERRIDES:
+            *sections, field = dotted.split('.')
+            source, target = config, teacher_config
+            for section in sections:
+                source, target = source[section], target[section]
+            target[field] = source[field]
+    return teacher_config
+
+
 def train_teacher_if_missing(config):
-    """The embedded default trains its own teacher first (``config.teacher.recipe``)."""
+    """The embedded default trains its own teacher first (``config.teacher.recipe``), for this
+    config's dataset and teacher network."""
     from zskt_jax import common
     recipe = config.teacher.get('recipe', '')
     if not recipe or os.path.exists(os.path.join(common.teacher_dir(config), 'teacher.json')):
         return
-    teacher_config = load_config_file(recipe)
+    teacher_config = teacher_recipe_config(config)
     workdir = os.path.dirname(os.path.abspath(common.teacher_dir(config)))
     logging.info('No teacher at %s: training one with %s first.', common.teacher_dir(config), recipe)
     run_job(teacher_config, workdir)

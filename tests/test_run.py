@@ -93,3 +93,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_states(tmp_path, digits_d
     assert os.path.join(str(workdir), 'checkpoints', '0') in str(error.value)
     assert os.path.isdir(workdir / 'checkpoints' / '0')
     assert not (workdir / 'results.json').exists()
+
+
+def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_path, monkeypatch):
+    """The recipe trains the teacher the distillation will load: the config's dataset, data
+    dir, teacher network and precision replace the recipe's own; the recipe's path is read
+    relative to the project whatever the current directory."""
+    import run
+    from configs import digits
+    config = digits.get_config()
+    config.dataset = 'digits'  # the 32x32 builder config, beside the default's 16x16
+    config.data_dir = str(tmp_path / 'tfds')
+    config.teacher.arch, config.teacher.base_width = 'WRN-10-2', 16
+    config.compute_dtype = 'bfloat16'
+    monkeypatch.chdir(tmp_path)
+    teacher_config = run.teacher_recipe_config(config)
+    assert teacher_config.job == 'teacher'
+    assert (teacher_config.dataset, teacher_config.data_dir) == ('digits', str(tmp_path / 'tfds'))
+    assert (teacher_config.teacher.arch, teacher_config.teacher.base_width) == ('WRN-10-2', 16)
+    assert teacher_config.compute_dtype == 'bfloat16'
+    # Everything else is the recipe's (configs/teacher_digits.py).
+    assert (teacher_config.epochs, teacher_config.augment) == (30, 'crop')
