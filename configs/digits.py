@@ -1,6 +1,13 @@
 """The embedded offline default: zero-shot distillation on scikit-learn's digits, CPU minutes.
 
-Sizes are scaled down from the paper (each is a field; see the README for what was measured).
+Sizes are scaled down from the paper (each is a field) and the digits are served at 16x16
+('digits16': each 8x8 scan pixel a 2x2 block; the 32x32 copy is --config.dataset=digits), so
+that the teacher and the student train in under 5 minutes on a 2-core CPU. The paper's loop
+alone stalls on some seeds here (a class never learned); this default adds the smallest set of
+the later methods' stabilisers with which every seed 0-4 reached 97% of the teacher (README,
+docs/robustness.md): BatchNorm-statistics matching, class balance and the one-hot term on the
+generator, and a replay memory of past generated images on the student's side.
+configs/digits_paper.py is the same run with the paper's loop alone.
 If no teacher exists yet, ``teacher.recipe`` is run first.
 """
 from configs import default
@@ -8,7 +15,7 @@ from configs import default
 
 def get_config():
     config = default.get_config()
-    config.dataset = 'digits'
+    config.dataset = 'digits16'
     config.teacher.arch = 'WRN-16-1'
     config.teacher.base_width = 8
     config.teacher.recipe = 'configs/teacher_digits.py'  # trains the teacher when missing
@@ -19,6 +26,16 @@ def get_config():
     config.num_iterations = 500
     config.batch_size = 128
     config.n_s = 5
+    # Stabilisers (REFERENCE.md, "After the paper"; weights in this project's loss scale, whose
+    # KL is averaged over batch x classes: 1/10 of the per-sample KL the later methods weigh).
+    config.bn_weight = 0.1            # DeepInversion / DFQ: the teacher's BN input statistics
+    config.balance_weight = 2.0       # DAFL: every class keeps being generated
+    config.one_hot_weight = 0.1       # DAFL / DFQ: confident teacher predictions
+    config.replay_size = 8192         # CMI's image pool: the last 64 batches (25 MB) ...
+    config.replay_batch = 128         # ... as many replayed images as new ones per student batch
+    # XLA:CPU: conv kernel gradients over slices of 64 of the 256-image student batch (0.40
+    # instead of 0.53 s an iteration on the 2-core CPU; the same gradients up to rounding).
+    config.weight_grad_chunk = 64
     config.eval_every = 50
     config.eval_batch_size = 360
     config.log_every = 25

@@ -10,7 +10,7 @@ def get_config():
     config = few_shot_default.get_config()
     zero_shot = digits.get_config()
     sgd = teacher_digits.get_config()
-    config.dataset = 'digits'
+    config.dataset = zero_shot.dataset  # digits16, as the teacher
     for section in ('teacher', 'student'):
         for field in ('arch', 'base_width'):
             config[section][field] = zero_shot[section][field]

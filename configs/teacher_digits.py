@@ -4,7 +4,7 @@ from configs import teacher_default
 
 def get_config():
     config = teacher_default.get_config()
-    config.dataset = 'digits'
+    config.dataset = 'digits16'       # the default's 16x16 scans (--config.dataset=digits: 32x32)
     config.teacher.arch = 'WRN-16-1'
     config.teacher.base_width = 8     # channels 8/8/16/32: a few minutes on a 2-core CPU
     config.epochs = 30

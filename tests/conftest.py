@@ -1,13 +1,26 @@
 """Shared fixtures: a prepared digits data dir, tiny configs and tiny teachers."""
 import os
+import tempfile
 
-import jax
-import jax.numpy as jnp
-import pytest
+# The suite compiles many tiny programs, and compiling dominates their running time. Before
+# JAX starts (here, for this process and the run.py processes the tests start): XLA:CPU without
+# LLVM optimisations (half the compile time of these programs; every comparison is compiled
+# alike), and a persistent compilation cache, so that a program compiled once (the same tiny
+# iteration in several tests and processes) is compiled once.
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                               + ' --xla_backend_optimization_level=0').strip()
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'zskt_jax_test_compilation_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
-from zskt_jax import checkpoints, data
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
 
-from tiny_config import ROOT, tiny_zero_shot_config  # noqa: F401 (re-exported to the tests)
+from zskt_jax import checkpoints, data  # noqa: E402
+
+from tiny_config import ROOT, tiny_zero_shot_config  # noqa: F401,E402 (re-exported)
 
 
 @pytest.fixture(scope='session')

@@ -263,6 +263,7 @@ def write_zero_shot_run(workdir: str, teacher_path: str, digits_dir: str):
     record zero_shot.train_and_evaluate writes."""
     import run
     config = run.load_config_file(os.path.join(ROOT, 'configs', 'digits.py'))
+    config.dataset = 'digits'  # 32x32, as the tiny teacher
     config.data_dir = digits_dir
     config.teacher.arch, config.teacher.base_width = TINY['arch'], TINY['base_width']
     config.teacher.checkpoint = teacher_path

@@ -1,4 +1,6 @@
-"""Orbax checkpoints of the zero-shot job: exact resumption, clean stops, refused checkpoints."""
+"""Orbax checkpoints of the zero-shot job: exact resumption, clean stops, refused checkpoints.
+
+The runs are configs/digits.py (its stabilisers and replay memory on) at tiny sizes."""
 import json
 import os
 import shutil
@@ -13,13 +15,26 @@ import pytest
 
 from zskt_jax import checkpoints, zero_shot
 
-from conftest import ROOT, tiny_zero_shot_config
+from configs import digits
+from conftest import ROOT, tiny_zero_shot_config as tiny_paper_config
 
-TINY = ['--config.teacher.arch=WRN-10-1', '--config.teacher.base_width=4',
+# The stabilisers of configs/digits.py, which run_py runs, with a replay memory of 4 tiny
+# batches: the in-process runs below continue its checkpoints, so they run them too.
+DEFAULT_STABILISERS = dict(
+    {field: digits.get_config()[field] for field in zero_shot.Stabilisers._fields},
+    replay_size=64, replay_batch=8)
+
+
+def tiny_zero_shot_config(data_dir, teacher):
+    return tiny_paper_config(data_dir, teacher, **DEFAULT_STABILISERS)
+
+
+TINY = ['--config.dataset=digits', '--config.teacher.arch=WRN-10-1', '--config.teacher.base_width=4',
         "--config.teacher.recipe=", '--config.student.arch=WRN-10-1',
         '--config.student.base_width=4', '--config.generator.hidden=8', '--config.batch_size=16',
         '--config.n_s=2', '--config.eval_every=2', '--config.log_every=1',
-        '--config.checkpoint_every=2']
+        '--config.checkpoint_every=2',
+        *(f'--config.{field}={value}' for field, value in DEFAULT_STABILISERS.items())]
 
 
 def run_py(workdir, data_dir, teacher, *extra, env=None, wait=True):
@@ -73,7 +88,9 @@ def test_resume_after_process_exit_is_bitwise_identical(tmp_path, straight_run, 
     step_a, a = final_states(straight_run)
     step_b, b = final_states(workdir)
     assert step_a == step_b == 4
-    assert_trees_equal(a, b)  # parameters, batch statistics and optimizer states, bitwise
+    # configs/digits.py runs its stabilisers: the replay memory is checkpointed state too.
+    assert a['replay'].shape[0] == 64 and np.any(a['replay'])
+    assert_trees_equal(a, b)  # parameters, batch statistics, optimizer states, memory, bitwise
     results_a = json.load(open(f'{straight_run}/results.json'))
     results_b = json.load(open(f'{workdir}/results.json'))
     assert results_a['final_train_metrics'] == results_b['final_train_metrics']

@@ -124,6 +124,7 @@ def setup(tmp_path_factory):
     teacher_path = str(root / 'teacher')
     write_tiny_teacher(teacher_path)
     config = run.load_config_file(os.path.join(ROOT, 'configs', 'few_shot_digits.py'))
+    config.dataset = 'digits'  # 32x32, as the tiny teacher
     config.data_dir = data_dir
     config.teacher.arch, config.teacher.base_width = TINY['arch'], TINY['base_width']
     config.teacher.checkpoint = teacher_path

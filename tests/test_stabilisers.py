@@ -1,6 +1,8 @@
 """The later data-free methods' stabilisers as options of the one compiled zero-shot iteration:
 off, the paper's iteration is unchanged and none of their work is traced; on, each term is the
-one REFERENCE.md describes, the teacher stays frozen, and the replay memory is state."""
+one REFERENCE.md describes, the teacher stays frozen, and the replay memory is state (its
+bitwise resume: tests/test_checkpoints.py, which runs configs/digits.py; 8 vs 1 device:
+tests/test_parallel.py)."""
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -12,7 +14,6 @@ from zskt_jax.models.layers import BatchNorm
 from zskt_jax.zero_shot import Stabilisers, create_states, make_iteration_fn
 
 import golden_iteration
-from conftest import tiny_zero_shot_config
 
 # Every stabiliser on at once (the L1 criterion in place of the KL).
 ALL_ON = dict(adversarial_loss='l1', bn_weight=0.5, balance_weight=2.0, one_hot_weight=0.5,
@@ -216,26 +217,3 @@ def test_two_seeds_with_every_stabiliser_equal_two_single_seed_runs():
         np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b), rtol=1e-4, atol=5e-5)
     np.testing.assert_allclose(metrics['student_loss'][1], single_metrics['student_loss'],
                                rtol=1e-4)
-
-
-def test_resume_with_every_stabiliser_is_bitwise_identical(tmp_path, digits_data_dir,
-                                                          tiny_teacher):
-    """A run stopped after iteration 2 and resumed (replay memory included) ends where an
-    uninterrupted run ends, to the bit."""
-    import orbax.checkpoint as ocp
-    config = lambda **extra: tiny_zero_shot_config(
-        digits_data_dir, tiny_teacher, num_iterations=4, adam_eps=1e-3, **ALL_ON, **extra)
-    straight = zero_shot.train_and_evaluate(config(), str(tmp_path / 'straight'))
-    stopped = zero_shot.train_and_evaluate(config(stop_after_iterations=2),
-                                           str(tmp_path / 'resumed'))
-    assert stopped is None or 'student_accuracy' not in stopped
-    resumed = zero_shot.train_and_evaluate(config(), str(tmp_path / 'resumed'))
-    states = [ocp.StandardCheckpointer().restore(str(tmp_path / run / 'checkpoints' / '4' / 'state'))
-              for run in ('straight', 'resumed')]
-    assert states[0]['replay'].shape == (48, 32, 32, 3) and np.any(states[0]['replay'])
-    leaves = [jax.tree.leaves(s) for s in states]
-    assert len(leaves[0]) == len(leaves[1]) > 0
-    for a, b in zip(*leaves):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert straight['final_train_metrics'] == resumed['final_train_metrics']
-    assert 'l1' in straight['final_train_metrics'] and 'bn_statistics' in straight['final_train_metrics']

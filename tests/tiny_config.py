@@ -1,9 +1,9 @@
-"""The tests' tiny zero-shot config: configs/digits.py shrunk to seconds (tiny networks, 3
-iterations). Plain Python without pytest or JAX, so that the config files the tests hand to
+"""The tests' tiny zero-shot config: configs/digits_paper.py (the paper's loop, no stabiliser)
+at 32x32, shrunk to seconds (tiny networks, 3 iterations). Plain Python without pytest or JAX, so that the config files the tests hand to
 ``run.py`` subprocesses can use it too (``write_config_file``)."""
 import os
 
-from configs import digits
+from configs import digits_paper
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
@@ -19,7 +19,8 @@ def get_config():
 
 
 def tiny_zero_shot_config(data_dir: str, teacher_path: str, **overrides):
-    config = digits.get_config()
+    config = digits_paper.get_config()
+    config.dataset = 'digits'  # 32x32: the tests' tiny teachers take the paper's input size
     config.data_dir = data_dir
     config.teacher.arch = 'WRN-10-1'
     config.teacher.base_width = 4

@@ -66,8 +66,11 @@ def load_teacher_for(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """The teacher's variables and record, checked against the config and dataset."""
     path = teacher_dir(config)
     info = data.dataset_info(config.dataset)
-    hint = (f'python run.py --config=configs/teacher_{config.dataset}.py '
+    # The teacher recipe of this config (the digits configs name theirs), else the dataset's.
+    recipe = config.teacher.get('recipe', '') or f'configs/teacher_{config.dataset}.py'
+    hint = (f'python run.py --config={recipe} --config.dataset={config.dataset} '
             f'--config.teacher.arch={config.teacher.arch} '
+            f'--config.teacher.base_width={config.teacher.base_width} '
             f'--workdir={os.path.dirname(os.path.abspath(path))}\n'
             f'or import the authors\' PyTorch teacher:\n  python -m zskt_jax.import_torch '
             f'--checkpoint=.../last.pth.tar --arch={config.teacher.arch} '
