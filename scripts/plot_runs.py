@@ -1,13 +1,14 @@
 """Test accuracy against iteration and wall time, mean and spread over seeds, per variant, from
-the runs' results.json files; and the table of final accuracies that goes with the plot.
+the runs' results.json files, each seed's final accuracy, and the table that goes with them.
 
   python scripts/plot_runs.py --out=docs/images/robustness_digits.png \\
       paper=runs/digits_paper default=runs/digits_seeds
 
 Each NAME=DIR is one variant: DIR holds seed_*/results.json (the layout of scripts/seeds.py) or
 a results.json of its own (one seed, or a num_seeds > 1 run, whose seeds are read from it). The
-figure has two panels, accuracy against iteration and against wall time, each variant a line
-(the mean over seeds) in a band (the lowest and highest seed); the table (markdown, printed and
+figure has three panels: accuracy against iteration and against wall time, each variant a line
+(the mean over seeds) in a band (the lowest and highest seed), and every seed's final accuracy
+(a dot each), with the teacher's accuracy and 97% of it. The table (markdown, printed and
 written beside the figure as .md) lists every seed's final accuracy, the classes its student
 never predicts, mean +- std (population, as scripts/seeds.py) and the wall time.
 """
@@ -32,6 +33,7 @@ class SeedRun(NamedTuple):
     wall_time_s: np.ndarray      # [E] run time until that evaluation
     never_predicted: List[int]   # at the final evaluation
     total_wall_time_s: float
+    teacher_accuracy: float
 
 
 def _seed_runs(results: Dict) -> List[SeedRun]:
@@ -40,13 +42,15 @@ def _seed_runs(results: Dict) -> List[SeedRun]:
     iterations = np.array([h['iteration'] for h in history])
     times = np.array([h['wall_time_s'] for h in history])
     seeds = results.get('seeds') or [results['config']['seed']]
+    common = dict(iterations=iterations, wall_time_s=times,
+                  total_wall_time_s=results['wall_time_s'],
+                  teacher_accuracy=results['teacher_accuracy'])
     if len(seeds) == 1:
-        return [SeedRun(seeds[0], iterations, np.array([h['student_accuracy'] for h in history]),
-                        times, history[-1].get('classes_never_predicted', []),
-                        results['wall_time_s'])]
-    return [SeedRun(seed, iterations,
-                    np.array([h['student_accuracy_per_seed'][i] for h in history]), times,
-                    history[-1]['classes_never_predicted_per_seed'][i], results['wall_time_s'])
+        return [SeedRun(seed=seeds[0], accuracy=np.array([h['student_accuracy'] for h in history]),
+                        never_predicted=history[-1].get('classes_never_predicted', []), **common)]
+    return [SeedRun(seed=seed, accuracy=np.array([h['student_accuracy_per_seed'][i]
+                                                  for h in history]),
+                    never_predicted=history[-1]['classes_never_predicted_per_seed'][i], **common)
             for i, seed in enumerate(seeds)]
 
 
@@ -89,11 +93,14 @@ def table(variants: Dict[str, List[SeedRun]]) -> str:
 
 
 def plot(variants: Dict[str, List[SeedRun]], path: str, title: str = '') -> None:
+    """Accuracy against iteration and against wall time (mean line, lowest-to-highest band), and
+    each seed's final accuracy per variant (a dot per seed), with the teacher and 97% of it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    figure = Figure(figsize=(11, 4.2), dpi=120)
+    figure = Figure(figsize=(14, 4.4), dpi=120)
     FigureCanvasAgg(figure)
-    by_iteration, by_time = figure.subplots(1, 2, sharey=True)
+    by_iteration, by_time, finals = figure.subplots(
+        1, 3, gridspec_kw={'width_ratios': [1, 1, 0.28 + 0.12 * len(variants)]})
     for index, (name, runs) in enumerate(variants.items()):
         color = f'C{index % 10}'
         accuracy = 100 * _aligned(runs, 'accuracy')
@@ -104,6 +111,20 @@ def plot(variants: Dict[str, List[SeedRun]], path: str, title: str = '') -> None
             axis.plot(x, accuracy.mean(axis=0), color=color, label=label)
             axis.fill_between(x, accuracy.min(axis=0), accuracy.max(axis=0), color=color,
                               alpha=0.15, linewidth=0)
+        final = [100 * run.accuracy[-1] for run in runs]
+        finals.scatter(np.full(len(final), index) + np.linspace(-0.15, 0.15, len(final)), final,
+                       color=color, s=14)
+    # The teacher, and 97% of it (the digits default's target), where every run has one teacher.
+    teachers = {run.teacher_accuracy for runs in variants.values() for run in runs}
+    if len(teachers) == 1:
+        teacher = 100 * teachers.pop()
+        for axis in (by_iteration, by_time, finals):
+            axis.axhline(teacher, color='k', linestyle='--', linewidth=0.8)
+            axis.axhline(0.97 * teacher, color='k', linestyle=':', linewidth=0.8)
+        finals.set_title(f'final accuracy per seed\nteacher {teacher:.2f}% (dashed), '
+                         '97% of it (dotted)', fontsize=8)
+    else:
+        finals.set_title('final accuracy per seed', fontsize=8)
     by_iteration.set_xlabel('iteration')
     by_time.set_xlabel('wall time (s, mean over seeds)')
     by_iteration.set_ylabel('student test accuracy (%)')
@@ -111,6 +132,10 @@ def plot(variants: Dict[str, List[SeedRun]], path: str, title: str = '') -> None
     for axis in (by_iteration, by_time):
         axis.grid(alpha=0.3)
         axis.set_ylim(0, 100)
+    finals.set_xticks(range(len(variants)))
+    finals.set_xticklabels(list(variants), rotation=60, ha='right', fontsize=7)
+    finals.set_xlim(-0.5, len(variants) - 0.5)
+    finals.grid(alpha=0.3, axis='y')
     figure.suptitle(title or 'Mean over seeds (line), lowest to highest seed (band)', fontsize=10)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
