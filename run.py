@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from zskt_jax import errors
+
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file; override fields with '
                                 '--config.FIELD=VALUE.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Output directory (checkpoints, TensorBoard, results.json). '
@@ -29,6 +31,8 @@ flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 '
 flags.DEFINE_enum('distributed', None, ['auto', 'on', 'off'], 'Call jax.distributed.initialize(): '
                   'auto (default; env ZSKT_DISTRIBUTED) when the three settings above are given or '
                   'on a TPU VM; on: always (JAX detects SLURM, Open MPI, Kubernetes, TPU); off: never.')
+flags.DEFINE_bool('verbose', False, 'Show the traceback of the errors meant for people (a missing '
+                  'teacher, a checkpoint of another configuration, ...); env ZSKT_VERBOSE=1 too.')
 FLAGS = flags.FLAGS
 
 # config.job -> the module whose train_and_evaluate(config, workdir) runs it.
@@ -51,7 +55,7 @@ def default_workdir(config, config_path: str) -> str:
 def run_job(config, workdir: str):
     import importlib
     if config.job not in JOBS:
-        raise ValueError(f'config.job = {config.job!r}; choose one of {sorted(JOBS)}')
+        raise errors.ConfigError(f'config.job = {config.job!r}; choose one of {sorted(JOBS)}')
     return importlib.import_module(JOBS[config.job]).train_and_evaluate(config, workdir)
 
 
@@ -60,7 +64,7 @@ def load_config_file(path: str):
     import importlib.util
     spec = importlib.util.spec_from_file_location(f'config_{abs(hash(path))}', path)
     if spec is None or not os.path.exists(path):
-        raise FileNotFoundError(f'config file {path!r} does not exist')
+        raise errors.ConfigError(f'config file {path!r} does not exist')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -69,7 +73,7 @@ def load_config_file(path: str):
 # What a teacher recipe takes from the config that asked for it: the data it must classify and
 # the network the distillation will load (a recipe's own values would train another teacher).
 TEACHER_RECIPE_OVERRIDES = ('dataset', 'data_dir', 'teacher.arch', 'teacher.base_width',
-                            'compute_dtype')
+                            'teacher.checkpoint', 'compute_dtype')
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -121,7 +125,7 @@ def distributed_settings(coordinator_address=None, num_processes=None, process_i
     environ = os.environ if environ is None else environ
     mode = mode or environ.get('ZSKT_DISTRIBUTED', 'auto')
     if mode not in ('auto', 'on', 'off'):
-        raise ValueError(f"ZSKT_DISTRIBUTED = {mode!r}; choose 'auto', 'on' or 'off'")
+        raise errors.ConfigError(f"ZSKT_DISTRIBUTED = {mode!r}; choose 'auto', 'on' or 'off'")
     if mode == 'off':
         return None
 
@@ -130,7 +134,8 @@ def distributed_settings(coordinator_address=None, num_processes=None, process_i
             try:
                 value = kind(environ[name])
             except ValueError:
-                raise ValueError(f'{name} = {environ[name]!r} is not a valid {kind.__name__}') from None
+                raise errors.ConfigError(
+                    f'{name} = {environ[name]!r} is not a valid {kind.__name__}') from None
         return value
 
     settings = {'coordinator_address': setting(coordinator_address, 'ZSKT_COORDINATOR_ADDRESS', str),
@@ -179,6 +184,13 @@ def setup_logging():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    try:
+        launch()
+    except errors.UserError as error:
+        errors.exit_for_people(error, FLAGS.verbose)
+
+
+def launch():
     start_distributed(distributed_settings(FLAGS.coordinator_address, FLAGS.num_processes,
                                            FLAGS.process_id, FLAGS.distributed))
     setup_logging()
@@ -210,11 +222,20 @@ def check_overrides(argv) -> None:
             if not hasattr(node, 'keys') or part not in node.keys():
                 parent = '.'.join(dotted.split('.')[:depth]) or '<top level>'
                 known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(not a section)'
-                sys.exit(f'Unknown config field {dotted!r} in {arg!r}: {config_path} has no '
-                         f'{part!r} under {parent}. Fields there: {known}')
+                raise errors.ConfigError(
+                    f'Unknown config field {dotted!r} in {arg!r}: {config_path} has no '
+                    f'{part!r} under {parent}. Fields there: {known}')
             node = node[part]
 
 
+def check_overrides_or_exit(argv) -> None:
+    """check_overrides for a launcher: a person's error is printed, status 2, no traceback."""
+    try:
+        check_overrides(argv)
+    except errors.UserError as error:
+        errors.exit_for_people(error, '--verbose' in argv)
+
+
 if __name__ == '__main__':
-    check_overrides(sys.argv[1:])
+    check_overrides_or_exit(sys.argv[1:])
     app.run(main)

@@ -11,6 +11,7 @@ def get_config():
     config.teacher = ml_collections.ConfigDict()
     config.teacher.arch = 'WRN-40-2'
     config.teacher.base_width = 16
+    config.teacher.checkpoint = ''    # where the teacher is written; '' = {workdir}/teacher
     config.epochs = 100               # SVHN 100, CIFAR-10 200
     config.batch_size = 128
     config.learning_rate = 0.1

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run  # noqa: E402  (defines --config and --workdir, exactly as run.py parses them)
+from zskt_jax import errors  # noqa: E402
 
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run (config.seed of each run); seed i '
                   'runs in {workdir}/seed_{i}.')
@@ -53,7 +54,7 @@ def read_result(workdir: str, metric: str, seed: int = None, config=None) -> flo
         results = json.load(f)
     recorded = results.get('config', {})
     if seed is not None and recorded.get('seed', seed) != seed:
-        raise ValueError(f"{path} was written by a run with seed {recorded.get('seed')}, not "
+        raise errors.ConfigError(f"{path} was written by a run with seed {recorded.get('seed')}, not "
                          f'{seed}; use another --workdir or remove it.')
     if config is not None and recorded:
         wanted = config.to_dict()
@@ -61,10 +62,10 @@ def read_result(workdir: str, metric: str, seed: int = None, config=None) -> flo
                   for f in IDENTITY_FIELDS
                   if _get(recorded, f) is not None and _get(recorded, f) != _get(wanted, f)]
         if differ:
-            raise ValueError(f'{path} comes from another configuration ({"; ".join(differ)}); '
+            raise errors.ConfigError(f'{path} comes from another configuration ({"; ".join(differ)}); '
                              'use another --workdir or remove it.')
     if metric not in results:
-        raise KeyError(f'{path} has no {metric!r}; it has {sorted(results)}')
+        raise errors.ConfigError(f'{path} has no {metric!r}; it has {sorted(results)}')
     return float(results[metric])
 
 
@@ -122,6 +123,14 @@ def main(argv):
     import jax
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    try:
+        summarise_seeds()
+    except errors.UserError as error:
+        errors.exit_for_people(error, FLAGS.verbose)
+
+
+def summarise_seeds():
+    import jax
     run.setup_logging()
     config = FLAGS.config
     workdir = FLAGS.workdir or run.default_workdir(
@@ -138,5 +147,5 @@ def main(argv):
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
-    run.check_overrides(sys.argv[1:])  # an unknown --config.FIELD fails early, named
+    run.check_overrides_or_exit(sys.argv[1:])  # an unknown --config.FIELD fails early, named
     app.run(main)

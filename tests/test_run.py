@@ -106,11 +106,21 @@ def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_pa
     config.data_dir = str(tmp_path / 'tfds')
     config.teacher.arch, config.teacher.base_width = 'WRN-10-2', 16
     config.compute_dtype = 'bfloat16'
+    config.teacher.checkpoint = 'elsewhere/my_teacher'  # not ending in /teacher
     monkeypatch.chdir(tmp_path)
     teacher_config = run.teacher_recipe_config(config)
     assert teacher_config.job == 'teacher'
     assert (teacher_config.dataset, teacher_config.data_dir) == ('digits', str(tmp_path / 'tfds'))
     assert (teacher_config.teacher.arch, teacher_config.teacher.base_width) == ('WRN-10-2', 16)
     assert teacher_config.compute_dtype == 'bfloat16'
+    # The teacher is written where the distillation will read it.
+    assert teacher_config.teacher.checkpoint == 'elsewhere/my_teacher'
     # Everything else is the recipe's (configs/teacher_digits.py).
     assert (teacher_config.epochs, teacher_config.augment) == (30, 'crop')
+
+    ran = []
+    monkeypatch.setattr(run, 'run_job', lambda c, workdir: ran.append((c, workdir)))
+    run.train_teacher_if_missing(config)
+    [(recipe_config, workdir)] = ran
+    assert recipe_config.teacher.checkpoint == 'elsewhere/my_teacher'
+    assert workdir == str(tmp_path / 'elsewhere')

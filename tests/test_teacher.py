@@ -54,16 +54,20 @@ def test_teacher_training_writes_a_teacher_and_resumes_exactly(tmp_path, digits_
     meta = json.loads((tmp_path / 'straight' / 'teacher' / 'teacher.json').read_text())
     assert meta['arch'] == 'WRN-10-1' and meta['num_classes'] == 10
 
-    # Stop after the first epoch's checkpoint (as a preemption would), then resume.
+    # Stop after the first epoch's checkpoint (as a preemption would), then resume; this teacher
+    # is written where config.teacher.checkpoint says, not in the workdir.
     config_half = tiny_teacher_config(digits_data_dir)
     with config_half.unlocked():
         config_half.epochs = 2
+        config_half.teacher.checkpoint = str(tmp_path / 'elsewhere' / 'my_teacher')
     workdir = str(tmp_path / 'resumed')
     first = teacher.train_and_evaluate(_stopping(config_half, 5), workdir)
     assert first['stopped_at'] == 5
     resumed = teacher.train_and_evaluate(config_half, workdir)
+    assert resumed['teacher_path'] == str(tmp_path / 'elsewhere' / 'my_teacher')
+    assert not (tmp_path / 'resumed' / 'teacher').exists()
     a, _ = checkpoints.load_teacher(str(tmp_path / 'straight' / 'teacher'))
-    b, _ = checkpoints.load_teacher(str(tmp_path / 'resumed' / 'teacher'))
+    b, _ = checkpoints.load_teacher(str(tmp_path / 'elsewhere' / 'my_teacher'))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert resumed['teacher_accuracy'] == straight['teacher_accuracy']

@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from zskt_jax import checkpoints, common, data, parallel, reporting
+from zskt_jax.errors import ConfigError, UserError
 from zskt_jax.parallel import DATA_AXIS
 
 logger = reporting.logger
@@ -41,7 +42,7 @@ logger = reporting.logger
 # ----------------------------------------------------------------------------------------------
 # Students written by the zero-shot and few-shot jobs
 
-class StudentNotFoundError(FileNotFoundError):
+class StudentNotFoundError(UserError, FileNotFoundError):
     pass
 
 
@@ -111,11 +112,11 @@ def agreeing_indices(predictions_a: np.ndarray, predictions_b: np.ndarray, seed:
     agreeing = order[predictions_a[order] == predictions_b[order]]
     if num_images < 0:
         if len(agreeing) == 0:
-            raise ValueError(f'The two networks classify none of the {len(order)} test images '
+            raise UserError(f'The two networks classify none of the {len(order)} test images '
                              'alike: there is nothing to attack. Is network A trained?')
         return agreeing
     if len(agreeing) < num_images:
-        raise ValueError(
+        raise ConfigError(
             f'Only {len(agreeing)} of the {len(order)} test images are classified alike by the '
             f'two networks; config.num_images = {num_images} needs that many. Lower '
             'config.num_images (-1 takes every agreeing image).')
@@ -191,7 +192,7 @@ def use_scan(loop: str) -> bool:
     gradients inside a while loop in a slow generic form: measured on a 2-core CPU (digits
     networks, 180 pairs), 0.84 s a step as a scan against 0.14 s as one jitted step a call."""
     if loop not in ('auto', 'scan', 'steps'):
-        raise ValueError(f"config.attack_loop = {loop!r}; choose 'auto', 'scan' or 'steps'")
+        raise ConfigError(f"config.attack_loop = {loop!r}; choose 'auto', 'scan' or 'steps'")
     return loop == 'scan' or (loop == 'auto' and jax.default_backend() != 'cpu')
 
 
@@ -367,7 +368,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     start_time = time.time()
     is_main = jax.process_index() == 0
     if not config.student_workdir:
-        raise ValueError('config.student_workdir is empty: set it to the --workdir of a '
+        raise ConfigError('config.student_workdir is empty: set it to the --workdir of a '
                          'zero-shot or few-shot run (--config.student_workdir=runs/digits).')
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh()

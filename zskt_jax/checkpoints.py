@@ -14,12 +14,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from zskt_jax.errors import UserError
 
-class TeacherNotFoundError(FileNotFoundError):
+
+class TeacherNotFoundError(UserError, FileNotFoundError):
     pass
 
 
-class CheckpointMismatchError(ValueError):
+class TeacherCorruptedError(UserError):
+    """A teacher directory whose record or variables cannot be read."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
     pass
 
 
@@ -57,9 +63,15 @@ def load_teacher(path: str, make_hint: str = ''):
         raise TeacherNotFoundError(
             f'No teacher checkpoint at {path} (expected {meta_path} and variables/).'
             + (f' Make one with:\n  {make_hint}' if make_hint else ''))
-    with open(meta_path) as f:
-        meta = json.load(f)
-    variables = ocp.StandardCheckpointer().restore(os.path.join(path, 'variables'))
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        variables = ocp.StandardCheckpointer().restore(os.path.join(path, 'variables'))
+    except Exception as error:  # noqa: BLE001 - whatever Orbax/TensorStore/json raise for it
+        raise TeacherCorruptedError(
+            f'The teacher at {path} cannot be read ({type(error).__name__}: {str(error)[:200]}); '
+            'it is truncated or corrupted. Nothing was deleted.'
+            + (f' Remake it with:\n  {make_hint}' if make_hint else '')) from error
     return variables, meta
 
 
@@ -134,7 +146,7 @@ def compare_configs(saved: Dict[str, Any], current: Dict[str, Any], fields,
             for f in fields if get(saved, f, defaults.get(f, '<absent>')) != get(current, f)]
 
 
-class CheckpointCorruptedError(RuntimeError):
+class CheckpointCorruptedError(UserError, RuntimeError):
     pass
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zskt_jax import checkpoints, data, parallel
+from zskt_jax.errors import ConfigError
 from zskt_jax.models import Generator, build_wide_resnet
 from zskt_jax.parallel import DATA_AXIS
 
@@ -20,7 +21,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def compute_dtype(config):
     name = config.get('compute_dtype', 'float32')
     if name not in DTYPES:
-        raise ValueError(f'config.compute_dtype = {name!r}; choose one of {sorted(DTYPES)}')
+        raise ConfigError(f'config.compute_dtype = {name!r}; choose one of {sorted(DTYPES)}')
     return DTYPES[name]
 
 
@@ -29,7 +30,7 @@ def weight_grad_chunk(config) -> int:
     (``models.layers.chunked_weight_grad_conv``); 0 = the whole batch at once (the default)."""
     chunk = config.get('weight_grad_chunk', 0)
     if chunk < 0:
-        raise ValueError(f'config.weight_grad_chunk = {chunk}; use 0 (off) or a positive '
+        raise ConfigError(f'config.weight_grad_chunk = {chunk}; use 0 (off) or a positive '
                          'number of examples per slice (8 is fastest on XLA:CPU)')
     return chunk
 
@@ -44,7 +45,7 @@ def build_network(net_config, num_classes: int, config):
 def build_generator(config):
     image_size = data.dataset_info(config.dataset).image_shape[0]
     if image_size % 4:
-        raise ValueError(f'the generator upsamples x4; image size {image_size} is not a multiple of 4')
+        raise ConfigError(f'the generator upsamples x4; image size {image_size} is not a multiple of 4')
     return Generator(init_size=image_size // 4, hidden=config.generator.hidden,
                      axis_name=DATA_AXIS, dtype=compute_dtype(config),
                      weight_grad_chunk=weight_grad_chunk(config))

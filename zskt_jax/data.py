@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from zskt_jax.errors import ConfigError, UserError
 from zskt_jax import datasets as _own_builders  # noqa: F401  (registers 'digits' with TFDS)
 
 
@@ -87,7 +88,7 @@ DATASETS: dict[str, DatasetSpec] = {
 _OFFLINE_DATASETS = frozenset({"digits", "digits16"})
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(UserError, FileNotFoundError):
     """A dataset that TFDS must download is not prepared in the data directory."""
 
 
@@ -96,7 +97,7 @@ def dataset_info(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}."
         ) from None
 
@@ -157,7 +158,7 @@ def load_split(
 
     known_splits = sorted(builder.info.splits.keys())
     if split.isidentifier() and split not in known_splits:
-        raise ValueError(
+        raise ConfigError(
             f"Dataset {spec.name!r} has no split {split!r}; its splits: "
             f"{', '.join(known_splits)}."
         )

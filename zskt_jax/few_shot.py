@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from zskt_jax import checkpoints, common, data, losses, parallel, reporting
+from zskt_jax.errors import ConfigError, NonFiniteLossError
 from zskt_jax.parallel import DATA_AXIS
 from zskt_jax.preemption import PreemptionGuard
 from zskt_jax.state import create_state, sgd
@@ -49,11 +50,11 @@ def sample_per_class(labels: np.ndarray, images_per_class: int, seed: int,
     if images_per_class < 0:
         return np.arange(len(labels))
     if images_per_class == 0:
-        raise ValueError('config.images_per_class = 0: the few-shot job needs images; M = 0 is '
+        raise ConfigError('config.images_per_class = 0: the few-shot job needs images; M = 0 is '
                          'the zero-shot job (configs/*.py with job = zero_shot).')
     counts = np.bincount(labels, minlength=num_classes)
     if counts.min() < images_per_class:
-        raise ValueError(f'config.images_per_class = {images_per_class} but class '
+        raise ConfigError(f'config.images_per_class = {images_per_class} but class '
                          f'{int(counts.argmin())} has only {int(counts.min())} training images; '
                          f'choose at most {int(counts.min())} (or -1 for all the data).')
     order = np.random.default_rng(seed).permutation(len(labels))
@@ -96,7 +97,7 @@ def num_iterations(config, full_train_size: int) -> int:
     ``scale_iterations``, the authors' scale_n_iters, 1 for the paper's numbers)."""
     steps_per_epoch = full_train_size // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f'config.batch_size = {config.batch_size} exceeds the {full_train_size} '
+        raise ConfigError(f'config.batch_size = {config.batch_size} exceeds the {full_train_size} '
                          f'training examples of {config.dataset}')
     return max(1, int(round(config.scale_iterations * config.full_data_epochs * steps_per_epoch)))
 
@@ -263,7 +264,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                 save(iteration, state, force=True)  # the last good state
                 run_checkpoints.wait()
                 bad = {k: v for k, v in step_metrics.items() if not np.isfinite(v)}
-                raise FloatingPointError(
+                raise NonFiniteLossError(
                     f'Non-finite values at iteration {iteration + 1}: {bad}. The state before it '
                     f'is saved in {run_checkpoints.directory}/{iteration}; lower the learning '
                     'rate.')

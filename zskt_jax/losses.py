@@ -8,6 +8,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from zskt_jax.errors import ConfigError
+
 
 def kl_divergence(teacher_logits, student_logits, temperature: float = 1.0):
     """KL(T || S) averaged over batch * classes, as the released code does (no tau^2 factor).
@@ -97,7 +99,7 @@ def adversarial_discrepancy(name: str):
     """config.adversarial_loss -> the discrepancy D(T, S) the generator maximises and the student
     minimises: 'kl' (ZSKT, ``kl_divergence``) or 'l1' (DFAD, ``mean_absolute_difference``)."""
     if name not in ADVERSARIAL_LOSSES:
-        raise ValueError(f'config.adversarial_loss = {name!r}; choose one of '
+        raise ConfigError(f'config.adversarial_loss = {name!r}; choose one of '
                          f'{sorted(ADVERSARIAL_LOSSES)}')
     return ADVERSARIAL_LOSSES[name]
 

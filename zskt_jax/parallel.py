@@ -12,6 +12,8 @@ from typing import Callable, List, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from zskt_jax.errors import ConfigError
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
@@ -60,7 +62,7 @@ def check_divisible(batch_size: int, mesh, what: str = 'batch_size'):
     """A global batch must split evenly over the devices (and hence over the processes)."""
     devices = mesh.devices.size
     if batch_size % devices:
-        raise ValueError(f'config.{what} = {batch_size} does not divide evenly across the '
+        raise ConfigError(f'config.{what} = {batch_size} does not divide evenly across the '
                          f'{devices} devices of the mesh; choose a multiple of {devices}')
 
 

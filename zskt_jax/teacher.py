@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from zskt_jax import checkpoints, common, data, losses, parallel, reporting
+from zskt_jax.errors import ConfigError, NonFiniteLossError
 from zskt_jax.parallel import DATA_AXIS
 from zskt_jax.preemption import PreemptionGuard
 from zskt_jax.state import create_state, sgd
@@ -38,7 +39,7 @@ def augment(key, images, mode: str):
     if mode == 'none':
         return images
     if mode not in ('crop', 'crop_flip'):
-        raise ValueError(f"augment = {mode!r}; choose 'none', 'crop' or 'crop_flip'")
+        raise ConfigError(f"augment = {mode!r}; choose 'none', 'crop' or 'crop_flip'")
     b, h, w, _ = images.shape
     crop_key, flip_key = jax.random.split(key)
     pad = h // 8
@@ -91,7 +92,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     test_images, test_labels = common.load_eval_split(config)
     steps_per_epoch = len(train_labels) // config.batch_size  # the last partial batch is dropped
     if steps_per_epoch == 0:
-        raise ValueError(f'config.batch_size = {config.batch_size} exceeds the '
+        raise ConfigError(f'config.batch_size = {config.batch_size} exceeds the '
                          f'{len(train_labels)} training examples of {config.dataset}')
     model = common.build_network(config.teacher, info.num_classes, config)
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
@@ -135,7 +136,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             if done % steps_per_epoch == 0:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not all(np.isfinite(v) for v in metrics.values()):
-                    raise FloatingPointError(
+                    raise NonFiniteLossError(
                         f'teacher training loss became non-finite in epoch {epoch + 1}: '
                         f'{metrics}; the last good checkpoint is in {run_checkpoints.directory}')
                 writer.scalars(epoch + 1, {f'train/{k}': v for k, v in metrics.items()})
@@ -159,7 +160,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     writer.close()
     logger.info('Teacher %s test accuracy on %s: %.2f%%', config.teacher.arch, config.dataset,
                 100 * accuracy)
-    teacher_path = os.path.join(workdir, 'teacher')
+    teacher_path = config.teacher.get('checkpoint', '') or os.path.join(workdir, 'teacher')
     checkpoints.save_teacher(teacher_path, variables, {
         'arch': config.teacher.arch, 'base_width': config.teacher.base_width,
         'num_classes': info.num_classes, 'image_shape': list(info.image_shape),

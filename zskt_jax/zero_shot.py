@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from zskt_jax import losses, parallel
+from zskt_jax.errors import ConfigError, NonFiniteLossError
 from zskt_jax.models.layers import INPUT_MOMENTS
 from zskt_jax.parallel import DATA_AXIS, data_parallel
 from zskt_jax.preemption import PreemptionGuard
@@ -42,14 +43,14 @@ class Stabilisers(NamedTuple):
         for field in ('bn_weight', 'balance_weight', 'one_hot_weight', 'replay_size',
                       'replay_batch'):
             if getattr(stabilisers, field) < 0:
-                raise ValueError(f'config.{field} = {getattr(stabilisers, field)}; it must be '
+                raise ConfigError(f'config.{field} = {getattr(stabilisers, field)}; it must be '
                                  '>= 0 (0 turns it off)')
         if (stabilisers.replay_size > 0) != (stabilisers.replay_batch > 0):
-            raise ValueError(f'config.replay_size = {stabilisers.replay_size} and '
+            raise ConfigError(f'config.replay_size = {stabilisers.replay_size} and '
                              f'config.replay_batch = {stabilisers.replay_batch}: set both (replay '
                              'on) or neither (off)')
         if stabilisers.replay_size % config.batch_size:
-            raise ValueError(f'config.replay_size = {stabilisers.replay_size} must be a multiple '
+            raise ConfigError(f'config.replay_size = {stabilisers.replay_size} must be a multiple '
                              f'of config.batch_size = {config.batch_size}: every iteration writes '
                              'one whole batch into the memory')
         return stabilisers
@@ -111,7 +112,7 @@ def use_unrolled_loops(config) -> bool:
     """config.update_loop: 'scan' | 'unroll' | 'auto' (unroll on CPU, where scans are slow)."""
     mode = config.get('update_loop', 'auto')
     if mode not in ('auto', 'scan', 'unroll'):
-        raise ValueError(f"config.update_loop = {mode!r}; choose 'auto', 'scan' or 'unroll'")
+        raise ConfigError(f"config.update_loop = {mode!r}; choose 'auto', 'scan' or 'unroll'")
     return mode == 'unroll' or (mode == 'auto' and jax.default_backend() == 'cpu')
 
 
@@ -349,10 +350,6 @@ def make_iteration_fn(models: Models, config, mesh) -> Callable:
 # ----------------------------------------------------------------------------------------------
 # The job: python run.py --config=configs/svhn.py --workdir=...
 
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
 # Fields that must agree between a checkpoint and the run resuming from it.
 RESUME_FIELDS = ('dataset', 'teacher.arch', 'teacher.base_width', 'student.arch',
                  'student.base_width', 'generator.z_dim', 'generator.hidden', 'num_iterations',
@@ -367,7 +364,7 @@ RESUME_DEFAULTS = Stabilisers()._asdict()
 def num_seeds(config) -> int:
     k = config.get('num_seeds', 1)
     if k < 1:
-        raise ValueError(f'config.num_seeds = {k}; it must be at least 1')
+        raise ConfigError(f'config.num_seeds = {k}; it must be at least 1')
     return k
 
 

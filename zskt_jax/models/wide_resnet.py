@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import flax.linen as nn
 
+from zskt_jax.errors import ConfigError
 from zskt_jax.models.layers import BatchNorm, chunked_weight_grad_conv
 
 # He init, fan-out: N(0, sqrt(2 / (k * k * out_channels))) (REFERENCE.md, "Init").
@@ -23,11 +24,11 @@ def parse_arch(arch: str) -> Tuple[int, int]:
     """'WRN-40-2' -> (40, 2), with a message a person can act on."""
     match = re.fullmatch(r'WRN-(\d+)-(\d+)', arch)
     if not match:
-        raise ValueError(f"architecture {arch!r} is not of the form 'WRN-<depth>-<width>', "
+        raise ConfigError(f"architecture {arch!r} is not of the form 'WRN-<depth>-<width>', "
                          "e.g. 'WRN-40-2'")
     depth, width = int(match.group(1)), int(match.group(2))
     if (depth - 4) % 6 != 0 or depth < 10:
-        raise ValueError(f'WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); '
+        raise ConfigError(f'WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); '
                          f'{arch!r} has depth {depth}')
     return depth, width
 
