@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_zero_shot_config, write_teacher
@@ -93,6 +94,46 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_states(tmp_path, digits_d
     assert os.path.join(str(workdir), 'checkpoints', '0') in str(error.value)
     assert os.path.isdir(workdir / 'checkpoints' / '0')
     assert not (workdir / 'results.json').exists()
+
+
+def test_non_finite_iteration_between_metric_reads_saves_the_states_before_it(
+        tmp_path, digits_data_dir, tiny_teacher, monkeypatch):
+    """The loop reads the metrics back only every log_every iterations; a NaN at iteration 3,
+    read at iteration 5, still stops the run with the states after iteration 2 saved, equal to
+    those of a run stopped there."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from zskt_jax import zero_shot
+    real = zero_shot.make_iteration_fn
+
+    def poisoned_at_iteration_3(models, config, mesh, donate=False):
+        step = real(models, config, mesh, donate)
+
+        def iteration_fn(state, teacher_variables, z_key):
+            poisoned = state.student.step == 2  # the third iteration (a function of the state)
+            state, metrics = step(state, teacher_variables, z_key)
+            nan = lambda x: jnp.where(poisoned, jnp.nan, x)
+            student = state.student.replace(params=jax.tree.map(nan, state.student.params))
+            return state.replace(student=student), dict(metrics, kl=nan(metrics['kl']))
+        return iteration_fn
+
+    config = tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_iterations=6, log_every=5,
+                                   eval_every=5, checkpoint_every=5)
+    monkeypatch.setattr(zero_shot, 'make_iteration_fn', poisoned_at_iteration_3)
+    with pytest.raises(zero_shot.NonFiniteLossError, match='iteration 3:') as error:
+        zero_shot.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert os.path.join(str(tmp_path / 'run'), 'checkpoints', '2') in str(error.value)
+    monkeypatch.setattr(zero_shot, 'make_iteration_fn', real)
+    stopped = tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_iterations=6, log_every=5,
+                                    eval_every=5, checkpoint_every=5, stop_after_iterations=2)
+    assert zero_shot.train_and_evaluate(stopped, str(tmp_path / 'stopped'))['stopped_at'] == 2
+    read = lambda run: ocp.StandardCheckpointer().restore(
+        str(tmp_path / run / 'checkpoints' / '2' / 'state'))
+    saved, reference = read('run'), read('stopped')
+    assert jax.tree.structure(saved) == jax.tree.structure(reference)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_path, monkeypatch):

@@ -301,8 +301,11 @@ def draw_replay_indices(base_key, iteration, batch_size: int, replay_size: int,
     return jax.random.randint(key, (replay_batch,), 0, filled)
 
 
-def make_iteration_fn(models: Models, config, mesh) -> Callable:
+def make_iteration_fn(models: Models, config, mesh, donate: bool = False) -> Callable:
     """The compiled iteration: (state, teacher_variables, z_key) -> (state, metrics).
+
+    ``donate``: the input state's buffers are reused for the output (the caller must not read
+    the state it passed in again).
 
     jit(shard_map(body)): states, the replay memory and the teacher replicated, the z batch (and
     the replay draw) sharded over ``data``. With ``config.num_seeds = k > 1`` the states, keys
@@ -331,20 +334,21 @@ def make_iteration_fn(models: Models, config, mesh) -> Callable:
     sharded = data_parallel(body, mesh, in_specs=(P(), P(), P(), z_spec) + replay_specs,
                             out_specs=(P(), P(), P()) + replay_specs[:1])
 
-    @jax.jit
     def iteration_fn(state: ZeroShotState, teacher_variables, z_key):
         iteration = state.student.step
         z = draw(z_key, iteration)
         if not stabilisers.replay:
             generator, student, metrics = sharded(state.generator, state.student,
                                                   teacher_variables, z)
-            return ZeroShotState(generator, student), metrics
-        generator, student, metrics, memory = sharded(
-            state.generator, state.student, teacher_variables, z, state.replay,
-            draw_replay(z_key, iteration))
-        return ZeroShotState(generator, student, memory), metrics
+            new_state = ZeroShotState(generator, student)
+        else:
+            generator, student, metrics, memory = sharded(
+                state.generator, state.student, teacher_variables, z, state.replay,
+                draw_replay(z_key, iteration))
+            new_state = ZeroShotState(generator, student, memory)
+        return new_state, metrics
 
-    return iteration_fn
+    return jax.jit(iteration_fn, donate_argnums=(0,) if donate else ())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +403,23 @@ def create_states(config, models: Models, mesh):
     state, z_key = per_seed[0] if len(per_seed) == 1 else jax.tree.map(
         lambda *xs: jnp.stack(xs), *per_seed)
     return parallel.replicate(state, mesh), z_key
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def last_finite_state(iteration_fn, iteration: int, state, teacher_variables, z_key):
+    """Re-run the iterations from ``state`` (after ``iteration``, its metrics read finite) one at
+    a time up to the first one with non-finite metrics: (the iterations done before it, the
+    states before it, its metrics). The iterations are deterministic, so these are the states the
+    run had."""
+    while True:
+        candidate, metrics = iteration_fn(_copy(state), teacher_variables, z_key)
+        metrics = jax.device_get(metrics)
+        if not _is_finite({k: np.mean(v) for k, v in metrics.items()}):
+            return iteration, state, metrics
+        iteration, state = iteration + 1, candidate
 
 
 def _is_finite(metrics) -> bool:
@@ -460,7 +481,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     logger.info('Teacher %s test accuracy: %.2f%%', config.teacher.arch, 100 * teacher_accuracy)
 
     writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'), active=is_main)
-    iteration_fn = make_iteration_fn(models, config, mesh)
+    iteration_fn = make_iteration_fn(models, config, mesh, donate=True)
     seeds = seeds_of(config)
     seed_slice = (lambda tree, i: tree) if len(seeds) == 1 else (
         lambda tree, i: jax.tree.map(lambda x: x[i], tree))
@@ -516,25 +537,38 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     stop_after = config.get('stop_after_iterations', 0)
     stopped_at = None
     metrics = {}
+    # The last states whose metrics were read and finite (a copy: the states passed to the
+    # compiled iteration are donated to it), to find the last finite states from.
+    anchor = (start_iteration, _copy(state))
     with PreemptionGuard() as preemption:
         for iteration in range(start_iteration, config.num_iterations):
-            new_state, step_metrics = iteration_fn(state, teacher_variables, z_key)
+            # The host does not wait for the iterations it dispatches: it reads the metrics back
+            # only where it acts on them.
+            state, device_metrics = iteration_fn(state, teacher_variables, z_key)
+            done = iteration + 1
+            stop = preemption.requested() or (stop_after and done - start_iteration >= stop_after)
+            if not (stop or done == config.num_iterations or any(
+                    done % every == 0 for every in (config.log_every, config.eval_every,
+                                                    config.checkpoint_every))):
+                continue
             # One scalar per seed; with several seeds the logged value is their mean (a NaN in
             # any seed makes it NaN).
-            step_metrics = {k: float(np.mean(v)) for k, v in jax.device_get(step_metrics).items()
-                            if np.ndim(v) == np.ndim(step_metrics['student_loss'])}
-            if not _is_finite(step_metrics):
-                # Keep the last good states: the iteration that produced non-finite values is
-                # dropped, its predecessor saved.
-                save(iteration, state, force=True)
+            metrics = {k: float(np.mean(v)) for k, v in jax.device_get(device_metrics).items()
+                       if np.ndim(v) == np.ndim(device_metrics['student_loss'])}
+            if not _is_finite(metrics):
+                # Keep the last good states: those before the first iteration that produced
+                # non-finite values are saved.
+                good, state, metrics = last_finite_state(iteration_fn, *anchor, teacher_variables,
+                                                         z_key)
+                save(good, state, force=True)
                 run_checkpoints.wait()
-                bad = {k: v for k, v in step_metrics.items() if not np.isfinite(v)}
+                bad = {k: np.mean(v).item() for k, v in metrics.items()
+                       if not np.isfinite(np.mean(v))}
                 raise NonFiniteLossError(
-                    f'Non-finite values at iteration {iteration + 1}: {bad}. The states before '
-                    f'it are saved in {run_checkpoints.directory}/{iteration}; lower the learning '
+                    f'Non-finite values at iteration {good + 1}: {bad}. The states before '
+                    f'it are saved in {run_checkpoints.directory}/{good}; lower the learning '
                     'rates or check the teacher.')
-            state, metrics = new_state, step_metrics
-            done = iteration + 1
+            anchor = (done, _copy(state))
             if done % config.log_every == 0 or done == config.num_iterations:
                 logger.info(progress.line(done, {k: metrics[k] for k in (
                     'generator_loss', 'student_loss', config.adversarial_loss, 'attention',
@@ -542,9 +576,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                 writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
             if done % config.eval_every == 0 or done == config.num_iterations:
                 evaluate(done, state)
-            stop = preemption.requested() or (stop_after and done - start_iteration >= stop_after)
             if done % config.checkpoint_every == 0 or done == config.num_iterations or stop:
-                save(done, state, force=bool(stop))
+                save(done, anchor[1], force=bool(stop))  # a copy the next iteration leaves alone
             if stop and done < config.num_iterations:
                 stopped_at = done
                 break
