@@ -21,8 +21,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import run  # noqa: E402  (defines --config and --workdir, exactly as run.py parses them)
-from zskt_jax import errors  # noqa: E402
+import run  # noqa: E402,F401  (defines --config, --workdir, --verbose exactly as run.py)
+from zskt_jax import errors, launch  # noqa: E402
 
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run (config.seed of each run); seed i '
                   'runs in {workdir}/seed_{i}.')
@@ -120,7 +120,6 @@ def write_summary(workdir: str, values: Dict[int, float], metric: str) -> str:
 
 
 def main(argv):
-    import jax
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     try:
@@ -131,14 +130,14 @@ def main(argv):
 
 def summarise_seeds():
     import jax
-    run.setup_logging()
+    launch.setup_logging()
     config = FLAGS.config
-    workdir = FLAGS.workdir or run.default_workdir(
+    workdir = FLAGS.workdir or launch.default_workdir(
         config, config_flags.get_config_filename(FLAGS['config']))
     seeds = [int(s) for s in FLAGS.seeds]
     if config.job == 'zero_shot':
-        run.train_teacher_if_missing(config)
-    values = run_seeds(config, workdir, seeds, run.run_job, FLAGS.metric)
+        launch.train_teacher_if_missing(config)
+    values = run_seeds(config, workdir, seeds, launch.run_job, FLAGS.metric)
     lines = summary_lines(values, FLAGS.metric, workdir)
     if jax.process_index() == 0:
         lines.append(f'summary written to {write_summary(workdir, values, FLAGS.metric)}')
@@ -147,5 +146,5 @@ def summarise_seeds():
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
-    run.check_overrides_or_exit(sys.argv[1:])  # an unknown --config.FIELD fails early, named
+    launch.check_overrides_or_exit(sys.argv[1:])  # an unknown --config.FIELD fails early, named
     app.run(main)

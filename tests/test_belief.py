@@ -261,8 +261,8 @@ def write_tiny_teacher(path: str, seed: int = 3):
 def write_zero_shot_run(workdir: str, teacher_path: str, digits_dir: str):
     """A checkpoint in the zero-shot job's format: generator and student states (Adam), and the
     record zero_shot.train_and_evaluate writes."""
-    import run
-    config = run.load_config_file(os.path.join(ROOT, 'configs', 'digits.py'))
+    from zskt_jax import launch
+    config = launch.load_config_file(os.path.join(ROOT, 'configs', 'digits.py'))
     config.dataset = 'digits'  # 32x32, as the tiny teacher
     config.data_dir = digits_dir
     config.teacher.arch, config.teacher.base_width = TINY['arch'], TINY['base_width']
@@ -321,15 +321,15 @@ def test_load_student_from_a_zero_shot_checkpoint(zero_shot_run):
 
 
 def test_belief_job_end_to_end(zero_shot_run, tmp_path):
-    import run
+    from zskt_jax import launch
     workdir, teacher_path, _ = zero_shot_run
-    config = run.load_config_file(os.path.join(ROOT, 'configs', 'belief_digits.py'))
+    config = launch.load_config_file(os.path.join(ROOT, 'configs', 'belief_digits.py'))
     config.student_workdir = workdir
     config.num_images = -1  # random tiny networks agree on few images
     config.num_steps = 3
     config.batch_size = 64
     out = str(tmp_path / 'belief')
-    results = run.run_job(config, out)
+    results = launch.run_job(config, out)
     with open(os.path.join(out, 'results.json')) as f:
         written = json.load(f)
     assert written['job'] == 'belief' and written['mte'] == pytest.approx(results['mte'])

@@ -3,7 +3,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from conftest import write_teacher
 from test_run import run_py

@@ -61,12 +61,12 @@ def test_batch_stream_is_epochs_of_permutations_and_a_function_of_the_iteration(
 
 
 def test_iterations_equal_the_full_data_run_for_every_m():
-    import run
-    config = run.load_config_file(os.path.join(ROOT, 'configs', 'few_shot_svhn.py'))
+    from zskt_jax import launch
+    config = launch.load_config_file(os.path.join(ROOT, 'configs', 'few_shot_svhn.py'))
     assert config.job == 'few_shot'
     assert (config.alpha, config.temperature, config.beta) == (0.9, 4.0, 1000.0)
     assert few_shot.num_iterations(config, 73257) == 100 * (73257 // 128) == 57200
-    cifar = run.load_config_file(os.path.join(ROOT, 'configs', 'few_shot_cifar10.py'))
+    cifar = launch.load_config_file(os.path.join(ROOT, 'configs', 'few_shot_cifar10.py'))
     assert few_shot.num_iterations(cifar, 50000) == 200 * 390
     assert cifar.augment == 'crop_flip' and config.augment == 'none'
     # The teacher's milestones at 30/60/80% of the run: lr 0.1, 0.02, 0.004, 0.0008.
@@ -118,12 +118,12 @@ def test_kd_at_loss_matches_numpy():
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     """A digits data dir, a tiny teacher, and a tiny few-shot config that uses them."""
-    import run
+    from zskt_jax import launch
     root = tmp_path_factory.mktemp('few_shot')
     data_dir = str(root / 'data')
     teacher_path = str(root / 'teacher')
     write_tiny_teacher(teacher_path)
-    config = run.load_config_file(os.path.join(ROOT, 'configs', 'few_shot_digits.py'))
+    config = launch.load_config_file(os.path.join(ROOT, 'configs', 'few_shot_digits.py'))
     config.dataset = 'digits'  # 32x32, as the tiny teacher
     config.data_dir = data_dir
     config.teacher.arch, config.teacher.base_width = TINY['arch'], TINY['base_width']
@@ -145,10 +145,10 @@ def read_results(workdir):
 
 
 def test_few_shot_job_end_to_end_and_resume(setup):
-    import run
+    from zskt_jax import launch
     root, config = setup
     workdir = str(root / 'few_shot')
-    results = run.run_job(config, workdir)
+    results = launch.run_job(config, workdir)
     written = read_results(workdir)
     assert written['job'] == 'few_shot' and written['iterations'] == 4
     assert written['train_images'] == 30 and written['images_per_class'] == 3
@@ -165,8 +165,8 @@ def test_few_shot_job_end_to_end_and_resume(setup):
     stopped = config.copy_and_resolve_references()
     stopped.stop_after_iterations = 2
     resumed_dir = str(root / 'few_shot_resumed')
-    assert run.run_job(stopped, resumed_dir)['stopped_at'] == 2
-    resumed = run.run_job(config, resumed_dir)
+    assert launch.run_job(stopped, resumed_dir)['stopped_at'] == 2
+    resumed = launch.run_job(config, resumed_dir)
     assert resumed['student_accuracy'] == results['student_accuracy']
     assert [h['iteration'] for h in resumed['history']] == [2, 4]
     _, resumed_variables, _, _ = belief.load_student(resumed_dir)
@@ -176,14 +176,14 @@ def test_few_shot_job_end_to_end_and_resume(setup):
 
 def test_fine_tuning_a_zero_shot_student(setup):
     """"ours + M": the few-shot job started from a zero-shot run's student."""
-    import run
+    from zskt_jax import launch
     root, config = setup
     zero_shot_dir = str(root / 'zero_shot')
     student = write_zero_shot_run(zero_shot_dir, config.teacher.checkpoint, config.data_dir)
     config = config.copy_and_resolve_references()
     config.init_student_from = zero_shot_dir
     workdir = str(root / 'ours_plus_m')
-    results = run.run_job(config, workdir)
+    results = launch.run_job(config, workdir)
     written = read_results(workdir)
     assert written['init_student']['workdir'] == os.path.abspath(zero_shot_dir)
     assert written['init_student']['job'] == 'zero_shot'

@@ -199,9 +199,10 @@ def worker(out_dir: str, config_path: str, workdir: str):
     """One of two processes, started by run.py's start-up code from the same flags."""
     sys.path.insert(0, ROOT)
     from absl import flags
-    import run
+    import run  # noqa: F401  (defines run.py's flags)
+    from zskt_jax import launch
     flags.FLAGS([sys.argv[0]] + [a for a in sys.argv[1:] if a.startswith('--')])
-    run.start_distributed(run.distributed_settings(flags.FLAGS.coordinator_address,
+    launch.start_distributed(launch.distributed_settings(flags.FLAGS.coordinator_address,
                                                    flags.FLAGS.num_processes,
                                                    flags.FLAGS.process_id))
     import jax
@@ -214,7 +215,7 @@ def worker(out_dir: str, config_path: str, workdir: str):
 
     # Resuming: both processes restore the 2-process run's latest checkpoint, onto replicated
     # arrays of this mesh, through the job's own restore_latest (config checks included).
-    config = run.load_config_file(config_path)
+    config = launch.load_config_file(config_path)
     run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'), keep=3)
     metadata = ocp.StandardCheckpointer().metadata(
         os.path.join(run_checkpoints.directory, '3', 'state')).item_metadata
@@ -312,8 +313,8 @@ def test_restore_evaluation_and_batches_on_two_processes(runs, tmp_path):
 
 def test_distributed_settings_from_flags_environment_and_tpu():
     sys.path.insert(0, ROOT)
-    import run
-    settings = run.distributed_settings
+    from zskt_jax import launch
+    settings = launch.distributed_settings
     assert settings(environ={}, on_tpu_vm=False) is None
     assert settings(environ={}, on_tpu_vm=True) == {}  # JAX reads a TPU VM's topology itself
     assert settings('10.0.0.1:1234', 2, 1, environ={}, on_tpu_vm=False) == {

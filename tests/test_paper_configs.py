@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-import run
+from zskt_jax import launch
 from configs import default, teacher_default
 from zskt_jax import common, data, import_torch, teacher
 from zskt_jax.models import build_wide_resnet
@@ -141,7 +141,7 @@ def test_teacher_goes_where_the_distillation_looks(name, arch):
     """Trained (run.py's default workdir for a teacher config) or imported (import_torch's
     default --out), the teacher lands where the zero-shot config reads it by default."""
     teacher_config = parse(f'teacher_{name}.py', f'--config.teacher.arch={arch}')
-    trained = os.path.join(run.default_workdir(teacher_config, f'configs/teacher_{name}.py'),
+    trained = os.path.join(launch.default_workdir(teacher_config, f'configs/teacher_{name}.py'),
                            'teacher')
     zero_shot_config = parse(f'{name}.py', f'--config.teacher.arch={arch}')
     assert trained == common.teacher_dir(zero_shot_config) == \

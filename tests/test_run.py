@@ -140,7 +140,7 @@ def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_pa
     """The recipe trains the teacher the distillation will load: the config's dataset, data
     dir, teacher network and precision replace the recipe's own; the recipe's path is read
     relative to the project whatever the current directory."""
-    import run
+    from zskt_jax import launch
     from configs import digits
     config = digits.get_config()
     config.dataset = 'digits'  # the 32x32 builder config, beside the default's 16x16
@@ -149,7 +149,7 @@ def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_pa
     config.compute_dtype = 'bfloat16'
     config.teacher.checkpoint = 'elsewhere/my_teacher'  # not ending in /teacher
     monkeypatch.chdir(tmp_path)
-    teacher_config = run.teacher_recipe_config(config)
+    teacher_config = launch.teacher_recipe_config(config)
     assert teacher_config.job == 'teacher'
     assert (teacher_config.dataset, teacher_config.data_dir) == ('digits', str(tmp_path / 'tfds'))
     assert (teacher_config.teacher.arch, teacher_config.teacher.base_width) == ('WRN-10-2', 16)
@@ -160,8 +160,8 @@ def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_pa
     assert (teacher_config.epochs, teacher_config.augment) == (30, 'crop')
 
     ran = []
-    monkeypatch.setattr(run, 'run_job', lambda c, workdir: ran.append((c, workdir)))
-    run.train_teacher_if_missing(config)
+    monkeypatch.setattr(launch, 'run_job', lambda c, workdir: ran.append((c, workdir)))
+    launch.train_teacher_if_missing(config)
     [(recipe_config, workdir)] = ran
     assert recipe_config.teacher.checkpoint == 'elsewhere/my_teacher'
     assert workdir == str(tmp_path / 'elsewhere')

@@ -1,0 +1,214 @@
+"""Launching a job: multi-process start-up, the config file and its overrides, the teacher
+recipe, logging, then the job's ``train_and_evaluate(config, workdir)``. ``run.py`` holds only
+the flags and calls ``main``; ``scripts/seeds.py`` and the tests use the pieces.
+"""
+import glob
+import logging
+import os
+import sys
+
+from absl import app
+
+from zskt_jax import errors
+
+# config.job -> the module whose train_and_evaluate(config, workdir) runs it.
+JOBS = {
+    'zero_shot': 'zskt_jax.zero_shot',
+    'teacher': 'zskt_jax.teacher',
+    'few_shot': 'zskt_jax.few_shot',
+    'belief': 'zskt_jax.belief',
+}
+
+
+def default_workdir(config, config_path: str) -> str:
+    """runs/<config file name>; a teacher goes where the distillation looks for it by default."""
+    if config.job == 'teacher':
+        from zskt_jax import common
+        return common.default_teacher_workdir(config.dataset, config.teacher.arch)
+    return os.path.join('runs', os.path.splitext(os.path.basename(config_path))[0])
+
+
+def run_job(config, workdir: str):
+    import importlib
+    if config.job not in JOBS:
+        raise errors.ConfigError(f'config.job = {config.job!r}; choose one of {sorted(JOBS)}')
+    return importlib.import_module(JOBS[config.job]).train_and_evaluate(config, workdir)
+
+
+def load_config_file(path: str):
+    """``get_config()`` of a config file given by path."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f'config_{abs(hash(path))}', path)
+    if spec is None or not os.path.exists(path):
+        raise errors.ConfigError(f'config file {path!r} does not exist')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+# What a teacher recipe takes from the config that asked for it: the data it must classify and
+# the network the distillation will load (a recipe's own values would train another teacher).
+TEACHER_RECIPE_OVERRIDES = ('dataset', 'data_dir', 'teacher.arch', 'teacher.base_width',
+                            'teacher.checkpoint', 'compute_dtype')
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def teacher_recipe_config(config):
+    """The config of ``config.teacher.recipe`` (a path relative to the project, or absolute),
+    with the fields of TEACHER_RECIPE_OVERRIDES taken from ``config``."""
+    recipe = config.teacher.recipe
+    teacher_config = load_config_file(os.path.join(PROJECT_ROOT, recipe))
+    with teacher_config.unlocked():
+        for dotted in TEACHER_RECIPE_OVERRIDES:
+            *sections, field = dotted.split('.')
+            source, target = config, teacher_config
+            for section in sections:
+                source, target = source[section], target[section]
+            target[field] = source[field]
+    return teacher_config
+
+
+def train_teacher_if_missing(config):
+    """The embedded default trains its own teacher first (``config.teacher.recipe``), for this
+    config's dataset and teacher network."""
+    from zskt_jax import common
+    recipe = config.teacher.get('recipe', '')
+    if not recipe or os.path.exists(os.path.join(common.teacher_dir(config), 'teacher.json')):
+        return
+    teacher_config = teacher_recipe_config(config)
+    workdir = os.path.dirname(os.path.abspath(common.teacher_dir(config)))
+    logging.info('No teacher at %s: training one with %s first.', common.teacher_dir(config), recipe)
+    run_job(teacher_config, workdir)
+
+
+def running_on_tpu_vm() -> bool:
+    """TPU chips attached to this machine (read from /sys and /dev; starts no backend)."""
+    try:
+        from jax._src import hardware_utils
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001 - a private helper; fall back to the device files
+        return bool(glob.glob('/dev/accel[0-9]*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def distributed_settings(coordinator_address=None, num_processes=None, process_id=None,
+                         mode=None, environ=None, on_tpu_vm=None):
+    """The keyword arguments of ``jax.distributed.initialize``, or None for a single process.
+
+    Flags win over the environment (ZSKT_COORDINATOR_ADDRESS, ZSKT_NUM_PROCESSES,
+    ZSKT_PROCESS_ID, ZSKT_DISTRIBUTED); settings left out are detected by JAX on the clusters it
+    knows (TPU VMs, SLURM, Open MPI, Kubernetes).
+    """
+    environ = os.environ if environ is None else environ
+    mode = mode or environ.get('ZSKT_DISTRIBUTED', 'auto')
+    if mode not in ('auto', 'on', 'off'):
+        raise errors.ConfigError(f"ZSKT_DISTRIBUTED = {mode!r}; choose 'auto', 'on' or 'off'")
+    if mode == 'off':
+        return None
+
+    def setting(value, name, kind):
+        if value is None and environ.get(name, '') != '':
+            try:
+                value = kind(environ[name])
+            except ValueError:
+                raise errors.ConfigError(
+                    f'{name} = {environ[name]!r} is not a valid {kind.__name__}') from None
+        return value
+
+    settings = {'coordinator_address': setting(coordinator_address, 'ZSKT_COORDINATOR_ADDRESS', str),
+                'num_processes': setting(num_processes, 'ZSKT_NUM_PROCESSES', int),
+                'process_id': setting(process_id, 'ZSKT_PROCESS_ID', int)}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if settings or mode == 'on':
+        return settings
+    if on_tpu_vm if on_tpu_vm is not None else running_on_tpu_vm():
+        return {}  # a TPU VM, one host or a pod slice: JAX reads the topology from the VM
+    return None
+
+
+def start_distributed(settings) -> None:
+    """``jax.distributed.initialize`` (before anything starts a JAX backend), or nothing."""
+    if settings is None:
+        return
+    import jax
+    try:
+        jax.distributed.initialize(**settings)
+    except ValueError as error:
+        raise app.UsageError(
+            f'Could not start the multi-process run with {settings or "no settings"} ({error}). '
+            'Outside a TPU VM or a cluster that JAX detects, pass all of --coordinator_address='
+            'HOST:PORT (process 0\'s address), --num_processes=N and --process_id=I on every '
+            'process, or --distributed=off for a single-process run.') from error
+
+
+def setup_logging():
+    """Our progress lines on stdout; the libraries' INFO chatter (Orbax, TFDS) off.
+
+    With several processes only process 0 reports progress; the others log warnings and errors.
+    """
+    import jax
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logger = logging.getLogger('zskt_jax')
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    logger.propagate = False
+
+
+def main(config, config_path: str, workdir=None, *, coordinator_address=None, num_processes=None,
+         process_id=None, distributed=None, verbose=False):
+    """run.py's whole job: start-up, the teacher recipe where one is named, the job, its summary
+    line. A person's error is printed and exits with status 2 (``errors.exit_for_people``)."""
+    try:
+        _main(config, config_path, workdir, coordinator_address, num_processes, process_id,
+              distributed)
+    except errors.UserError as error:
+        errors.exit_for_people(error, verbose)
+
+
+def _main(config, config_path, workdir, coordinator_address, num_processes, process_id,
+          distributed):
+    start_distributed(distributed_settings(coordinator_address, num_processes, process_id,
+                                           distributed))
+    setup_logging()
+    workdir = workdir or default_workdir(config, config_path)
+    if config.job in ('zero_shot', 'few_shot'):
+        train_teacher_if_missing(config)
+    results = run_job(config, workdir)
+    import jax
+    if results and jax.process_index() == 0:
+        summary = [f'{k}={100 * v:.2f}%' for k, v in results.items() if k.endswith('accuracy')]
+        summary += [f'mte={results["mte"]:.4f}'] if 'mte' in results else []
+        print(' '.join(summary))
+
+
+def check_overrides(argv) -> None:
+    """Fail early, naming the field, when a --config.FIELD override names no field of the config
+    (ml_collections would otherwise fail with a bare AttributeError deep in flag parsing)."""
+    config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    if config_path is None:
+        return
+    config = load_config_file(config_path)
+    for arg in argv:
+        if not arg.startswith('--config.'):
+            continue
+        dotted = arg[len('--config.'):].split('=', 1)[0]
+        node = config
+        for depth, part in enumerate(dotted.split('.')):
+            if not hasattr(node, 'keys') or part not in node.keys():
+                parent = '.'.join(dotted.split('.')[:depth]) or '<top level>'
+                known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(not a section)'
+                raise errors.ConfigError(
+                    f'Unknown config field {dotted!r} in {arg!r}: {config_path} has no '
+                    f'{part!r} under {parent}. Fields there: {known}')
+            node = node[part]
+
+
+def check_overrides_or_exit(argv) -> None:
+    """check_overrides for a launcher: a person's error is printed, status 2, no traceback."""
+    try:
+        check_overrides(argv)
+    except errors.UserError as error:
+        errors.exit_for_people(error, '--verbose' in argv)
