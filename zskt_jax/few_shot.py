@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import checkpoints, common, data, losses, parallel, reporting
-from zskt_jax.errors import ConfigError, NonFiniteLossError
+from zskt_jax import checkpoints, common, data, loop, losses, parallel, reporting
+from zskt_jax.errors import ConfigError
 from zskt_jax.parallel import DATA_AXIS
-from zskt_jax.preemption import PreemptionGuard
 from zskt_jax.state import create_state, sgd
 from zskt_jax.teacher import augment, step_learning_rate
 
@@ -167,13 +166,9 @@ def _initial_student(config, state, mesh):
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Train the student with KD+AT on M images per class; returns the results written to
     ``{workdir}/results.json``."""
-    clock = reporting.RunClock()  # wall time, summed over resumes
-    is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
     info = data.dataset_info(config.dataset)
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.batch_size, mesh)
-
     teacher_variables, teacher_meta = common.load_teacher_for(config)
     teacher_model = common.build_network(config.teacher, info.num_classes, config)
     student_model = common.build_network(config.student, info.num_classes, config)
@@ -193,36 +188,20 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     tx = sgd(config.momentum, config.weight_decay, config.get('nesterov', False))
     state = create_state(student_model, init_key, jnp.zeros((2,) + info.image_shape), tx)
     state = parallel.replicate(state, mesh)
-
-    run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
-                                                 config.keep_checkpoints)
-    config_dict = config.to_dict()
-
-    same_teacher = checkpoints.same_teacher_as(teacher_meta, common.teacher_dir(config))
-    # Resume from the latest checkpoint of this workdir, if any (as zero_shot.py does).
-    start_iteration, saved, meta = checkpoints.restore_latest(
-        run_checkpoints, {'student': state.state_dict()}, config_dict, RESUME_FIELDS,
-        fallback=config.get('resume_fallback', False), validate_meta=same_teacher)
-    history, init_meta = [], None
+    teacher_path = os.path.abspath(common.teacher_dir(config))
+    run = loop.RunDir(workdir, config, RESUME_FIELDS,
+                      validate_meta=checkpoints.same_teacher_as(teacher_meta, teacher_path))
+    start, saved, meta = run.restore({'student': state.state_dict()})
     if saved is not None:
-        state = state.replace_from(saved['student'])
-        history, init_meta = meta.get('history', []), meta.get('init_student')
-        clock.resume(meta)
-        logger.info('Resumed from %s/%d', run_checkpoints.directory, start_iteration)
+        state, init_meta = state.replace_from(saved['student']), meta.get('init_student')
+    elif config.init_student_from:
+        state, source = _initial_student(config, state, mesh)
+        init_meta = {'workdir': source['workdir'], 'iteration': source['step'],
+                     'job': source['config'].get('job')}
     else:
-        start_iteration = 0
-        if config.init_student_from:
-            state, source = _initial_student(config, state, mesh)
-            init_meta = {'workdir': source['workdir'], 'iteration': source['step'],
-                         'job': source['config'].get('job')}
-
-    def save(iteration, state, force=False):
-        run_checkpoints.save(iteration, {'student': state.state_dict()},
-                             {'config': config_dict, 'iteration': iteration,
-                              'teacher_path': os.path.abspath(common.teacher_dir(config)),
-                              'teacher_checksum': teacher_meta['checksum'], 'history': history,
-                              'wall_time_s': clock(),
-                              'init_student': init_meta}, force=force)
+        init_meta = None
+    run.record = {'teacher_path': teacher_path, 'teacher_checksum': teacher_meta['checksum'],
+                  'init_student': init_meta}
 
     eval_images, eval_labels = common.load_eval_split(config)
     evaluator = common.Evaluator(student_model, config.dataset, eval_images, eval_labels,
@@ -230,85 +209,58 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     teacher_accuracy = common.Evaluator(teacher_model, config.dataset, eval_images, eval_labels,
                                         config.eval_batch_size, mesh)(teacher_variables)
     logger.info('Teacher %s test accuracy: %.2f%%', config.teacher.arch, 100 * teacher_accuracy)
-    writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'), active=is_main)
 
     def evaluate(iteration, state):
         accuracy = evaluator({'params': state.params, 'batch_stats': state.batch_stats})
-        elapsed = clock()  # time to accuracy
-        history.append({'iteration': iteration, 'student_accuracy': accuracy,
-                        'wall_time_s': elapsed})
-        writer.scalars(iteration, {'eval/student_accuracy': accuracy,
-                                   'eval/teacher_accuracy': teacher_accuracy,
-                                   'eval/wall_time_s': elapsed})
-        writer.flush()
+        elapsed = run.clock()  # time to accuracy
+        run.history.append({'iteration': iteration, 'student_accuracy': accuracy,
+                            'wall_time_s': elapsed})
+        run.writer.scalars(iteration, {'eval/student_accuracy': accuracy,
+                                       'eval/teacher_accuracy': teacher_accuracy,
+                                       'eval/wall_time_s': elapsed})
+        run.writer.flush()
         logger.info('[%d/%d] student test accuracy %.2f%% (teacher %.2f%%)', iteration,
                     total_iterations, 100 * accuracy, 100 * teacher_accuracy)
-        return accuracy
 
-    if start_iteration == 0 and config.init_student_from:
+    if start == 0 and config.init_student_from:
         evaluate(0, state)  # the zero-shot student before fine-tuning
 
     train_step = make_train_step(student_model, teacher_model, config, total_iterations, mesh)
     stream = BatchStream(len(subset), config.batch_size, config.seed)
-    progress = reporting.Progress(start_iteration, total_iterations)
-    stop_after = config.get('stop_after_iterations', 0)
-    stopped_at, metrics = None, {}
-    with PreemptionGuard() as preemption:
-        for iteration in range(start_iteration, total_iterations):
-            idx = stream(iteration)
-            images, labels = parallel.shard_batch((train_images[idx], train_labels[idx]), mesh)
-            new_state, step_metrics = train_step(state, teacher_variables, images, labels,
-                                                 jax.random.fold_in(data_key, iteration))
-            step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            if not all(np.isfinite(v) for v in step_metrics.values()):
-                save(iteration, state, force=True)  # the last good state
-                run_checkpoints.wait()
-                bad = {k: v for k, v in step_metrics.items() if not np.isfinite(v)}
-                raise NonFiniteLossError(
-                    f'Non-finite values at iteration {iteration + 1}: {bad}. The state before it '
-                    f'is saved in {run_checkpoints.directory}/{iteration}; lower the learning '
-                    'rate.')
-            state, metrics = new_state, step_metrics
-            done = iteration + 1
-            if done % config.log_every == 0 or done == total_iterations:
-                logger.info(progress.line(done, {k: metrics[k] for k in (
-                    'loss', 'ce', 'kl', 'attention', 'train_accuracy', 'learning_rate')}))
-                writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
-            if done % config.eval_every == 0 or done == total_iterations:
-                evaluate(done, state)
-            stop = preemption.requested() or (stop_after and done - start_iteration >= stop_after)
-            if done % config.checkpoint_every == 0 or done == total_iterations or stop:
-                save(done, state, force=bool(stop))
-            if stop and done < total_iterations:
-                stopped_at = done
-                break
+    progress = reporting.Progress(start, total_iterations)
 
-    run_checkpoints.wait()
-    run_checkpoints.close()
-    if stopped_at is not None:
-        writer.close()
-        return checkpoints.stopped('few_shot', run_checkpoints, stopped_at)
-    if not history or history[-1]['iteration'] != total_iterations:
-        evaluate(total_iterations, state)
-    writer.close()
+    def step(state, iteration):
+        idx = stream(iteration)
+        images, labels = parallel.shard_batch((train_images[idx], train_labels[idx]), mesh)
+        return train_step(state, teacher_variables, images, labels,
+                          jax.random.fold_in(data_key, iteration))
+
+    def log(done, metrics):
+        logger.info(progress.line(done, {k: metrics[k] for k in (
+            'loss', 'ce', 'kl', 'attention', 'train_accuracy', 'learning_rate')}))
+        run.writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
+
+    end = loop.train_loop(
+        step, state, start, total_iterations,
+        loop.Cadence(config.log_every, config.eval_every, config.checkpoint_every,
+                     config.get('stop_after_iterations', 0)),
+        run=run, state_dict=lambda state: {'student': state.state_dict()},
+        read_metrics=lambda m: {k: float(v) for k, v in jax.device_get(m).items()},
+        log=log, evaluate=evaluate, progress=progress)
+    if end.stopped_at is not None:
+        return run.stopped('few_shot', end.stopped_at)
+    if not run.history or run.history[-1]['iteration'] != total_iterations:
+        evaluate(total_iterations, end.state)  # resumed from the last checkpoint
     results = {
         'job': 'few_shot',
         # The FINAL iterate is the reported result (REFERENCE.md, "Evaluation").
-        'student_accuracy': history[-1]['student_accuracy'],
-        'teacher_accuracy': teacher_accuracy,
-        'images_per_class': config.images_per_class,
-        'train_images': int(len(subset)),
-        'iterations': total_iterations,
-        'init_student': init_meta,
-        'wall_time_s': clock(),
-        'history': history,
-        'final_train_metrics': metrics,
-        'teacher_path': os.path.abspath(common.teacher_dir(config)),
-        'devices': jax.device_count(),
-        'backend': jax.default_backend(),
-        'config': config_dict,
+        'student_accuracy': run.history[-1]['student_accuracy'],
+        'teacher_accuracy': teacher_accuracy, 'images_per_class': config.images_per_class,
+        'train_images': int(len(subset)), 'iterations': total_iterations,
+        'init_student': init_meta, 'final_train_metrics': end.metrics,
+        'teacher_path': teacher_path,
     }
-    path = reporting.write_results(workdir, results, active=is_main)
+    path = run.finish(results)
     if path:
         logger.info('Student %.2f%%, teacher %.2f%% (M = %d per class); results in %s',
                     100 * results['student_accuracy'], 100 * teacher_accuracy,

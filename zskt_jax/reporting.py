@@ -76,21 +76,28 @@ def image_grid(images: np.ndarray, mean, std, columns: int = 8) -> np.ndarray:
 
 
 class Progress:
-    """Iterations per second (since the last report) and ETA, for one line per report."""
+    """Units per second (since the last report) and ETA, for one line per report.
 
-    def __init__(self, start_iteration: int, total: int):
-        self.total = total
-        self._last_iteration = start_iteration
-        self._last_time = time.perf_counter()
+    Counted in steps; shown in units of ``steps_per_unit`` steps (the teacher's epochs).
+    """
 
-    def line(self, iteration: int, metrics: Dict[str, float]) -> str:
+    def __init__(self, start_step: int, total_steps: int, steps_per_unit: int = 1):
+        self.total = total_steps
+        self.per = steps_per_unit
+        self.restart(start_step)
+
+    def restart(self, step: int) -> None:
+        """Count rates from here (after the first step, so that its compilation is left out)."""
+        self._last_step, self._last_time = step, time.perf_counter()
+
+    def line(self, step: int, metrics: Dict[str, float]) -> str:
         now = time.perf_counter()
-        done = iteration - self._last_iteration
-        rate = done / max(now - self._last_time, 1e-9)
-        self._last_iteration, self._last_time = iteration, now
-        eta = (self.total - iteration) / rate if rate > 0 else float('inf')
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        eta = (self.total - step) / rate if rate > 0 else float('inf')
         shown = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
-        return (f'[{iteration}/{self.total}] {rate:.2f} it/s, ETA {format_seconds(eta)} | {shown}')
+        return (f'[{step // self.per}/{self.total // self.per}] {rate / self.per:.2f} it/s, '
+                f'ETA {format_seconds(eta)} | {shown}')
 
 
 class RunClock:

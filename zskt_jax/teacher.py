@@ -4,7 +4,6 @@ lr divided by 5 at 30%, 60% and 80% of the run, optional crop/flip augmentation 
 Writes ``{workdir}/teacher`` (variables + teacher.json), the directory the zero-shot job loads.
 """
 import os
-import time
 from typing import Any, Dict
 
 import jax
@@ -12,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import checkpoints, common, data, losses, parallel, reporting
-from zskt_jax.errors import ConfigError, NonFiniteLossError
+from zskt_jax import checkpoints, common, data, loop, losses, parallel, reporting
+from zskt_jax.errors import ConfigError
 from zskt_jax.parallel import DATA_AXIS
-from zskt_jax.preemption import PreemptionGuard
 from zskt_jax.state import create_state, sgd
 
 logger = reporting.logger
@@ -79,9 +77,8 @@ def make_train_step(model, config, steps_per_epoch: int, mesh):
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-    start_time = time.time()
-    is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    """Train a teacher from scratch; writes it to ``config.teacher.checkpoint`` (default
+    ``{workdir}/teacher``) and returns the results written to ``{workdir}/results.json``."""
     info = data.dataset_info(config.dataset)
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.batch_size, mesh)
@@ -93,71 +90,54 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     steps_per_epoch = len(train_labels) // config.batch_size  # the last partial batch is dropped
     if steps_per_epoch == 0:
         raise ConfigError(f'config.batch_size = {config.batch_size} exceeds the '
-                         f'{len(train_labels)} training examples of {config.dataset}')
+                          f'{len(train_labels)} training examples of {config.dataset}')
     model = common.build_network(config.teacher, info.num_classes, config)
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     tx = sgd(config.momentum, config.weight_decay, config.get('nesterov', False))
     state = create_state(model, init_key, jnp.zeros((2,) + info.image_shape), tx)
     state = parallel.replicate(state, mesh)
 
-    run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
-                                                 config.keep_checkpoints)
-    config_dict = config.to_dict()
     # Checkpoints are labelled by optimizer step, so a stop mid-epoch resumes exactly: the
     # epoch's permutation and augmentation keys are functions of (seed, epoch, step).
-    start_step, saved, _ = checkpoints.restore_latest(
-        run_checkpoints, state.state_dict(), config_dict, TEACHER_RESUME_FIELDS,
-        fallback=config.get('resume_fallback', False))
-    if saved is not None:
-        state = state.replace_from(saved)
-        logger.info('Resumed teacher training at step %d', start_step)
-    start_step = start_step or 0
+    run = loop.RunDir(workdir, config, TEACHER_RESUME_FIELDS, unit='step')
+    start, saved, _ = run.restore(state.state_dict())
+    state = state if saved is None else state.replace_from(saved)
 
     train_step = make_train_step(model, config, steps_per_epoch, mesh)
-    evaluator = common.Evaluator(model, config.dataset, test_images, test_labels,
-                                 config.eval_batch_size, mesh)
-    writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'), active=is_main)
     total_steps = config.epochs * steps_per_epoch
-    progress = reporting.Progress(start_step // steps_per_epoch, config.epochs)
-    save = lambda step, force=False: run_checkpoints.save(
-        step, state.state_dict(), {'config': config_dict, 'step': step}, force=force)
-    stopped_at, order = None, None
-    with PreemptionGuard() as preemption:
-        for step in range(start_step, total_steps):
-            epoch, i = divmod(step, steps_per_epoch)
-            epoch_key = jax.random.fold_in(data_key, epoch)
-            if order is None or i == 0:
-                order = np.asarray(jax.random.permutation(epoch_key, len(train_labels)))
-            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-            images, labels = parallel.shard_batch((train_images[idx], train_labels[idx]), mesh)
-            state, metrics = train_step(state, images, labels, jax.random.fold_in(epoch_key, i))
-            done = step + 1
-            stop = preemption.requested() or done - start_step == config.get('stop_after_steps', 0)
-            if done % steps_per_epoch == 0:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(np.isfinite(v) for v in metrics.values()):
-                    raise NonFiniteLossError(
-                        f'teacher training loss became non-finite in epoch {epoch + 1}: '
-                        f'{metrics}; the last good checkpoint is in {run_checkpoints.directory}')
-                writer.scalars(epoch + 1, {f'train/{k}': v for k, v in metrics.items()})
-                if (epoch + 1) % config.log_every == 0 or done == total_steps:
-                    logger.info(progress.line(epoch + 1, metrics))
-                if (epoch + 1) % config.checkpoint_every == 0 or done == total_steps:
-                    save(done)
-            if stop and done < total_steps:
-                save(done, force=True)
-                stopped_at = done
-                break
-    run_checkpoints.wait()
-    run_checkpoints.close()
-    if stopped_at is not None:
-        writer.close()
-        return checkpoints.stopped('teacher', run_checkpoints, stopped_at, 'step')
+    progress = reporting.Progress(start, total_steps, steps_per_unit=steps_per_epoch)
+    permutations = {}
 
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    accuracy = evaluator(variables)
-    writer.scalars(config.epochs, {'eval/teacher_accuracy': accuracy})
-    writer.close()
+    def step(state, i):
+        epoch, j = divmod(i, steps_per_epoch)
+        epoch_key = jax.random.fold_in(data_key, epoch)
+        if epoch not in permutations:
+            permutations.clear()
+            permutations[epoch] = np.asarray(jax.random.permutation(epoch_key, len(train_labels)))
+        idx = permutations[epoch][j * config.batch_size:(j + 1) * config.batch_size]
+        images, labels = parallel.shard_batch((train_images[idx], train_labels[idx]), mesh)
+        return train_step(state, images, labels, jax.random.fold_in(epoch_key, j))
+
+    def log(done, metrics):  # at the end of every epoch
+        epoch = done // steps_per_epoch
+        run.writer.scalars(epoch, {f'train/{k}': v for k, v in metrics.items()})
+        if epoch % config.log_every == 0 or done == total_steps:
+            logger.info(progress.line(done, metrics))
+
+    end = loop.train_loop(
+        step, state, start, total_steps,
+        loop.Cadence(steps_per_epoch, 0, config.checkpoint_every * steps_per_epoch,
+                     config.get('stop_after_steps', 0)),
+        run=run, state_dict=lambda state: state.state_dict(),
+        read_metrics=lambda m: {k: float(v) for k, v in jax.device_get(m).items()},
+        log=log, evaluate=lambda done, state: None, progress=progress)
+    if end.stopped_at is not None:
+        return run.stopped('teacher', end.stopped_at)
+
+    variables = {'params': end.state.params, 'batch_stats': end.state.batch_stats}
+    accuracy = common.Evaluator(model, config.dataset, test_images, test_labels,
+                                config.eval_batch_size, mesh)(variables)
+    run.writer.scalars(config.epochs, {'eval/teacher_accuracy': accuracy})
     logger.info('Teacher %s test accuracy on %s: %.2f%%', config.teacher.arch, config.dataset,
                 100 * accuracy)
     teacher_path = config.teacher.get('checkpoint', '') or os.path.join(workdir, 'teacher')
@@ -166,9 +146,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
         'dataset': config.dataset, 'test_accuracy': accuracy, 'source': 'trained',
         'epochs': config.epochs})
-    results = {'job': 'teacher', 'teacher_accuracy': accuracy, 'teacher_path':
-               os.path.abspath(teacher_path), 'wall_time_s': time.time() - start_time,
-               'config': config_dict}
-    reporting.write_results(workdir, results, active=is_main)
+    results = {'job': 'teacher', 'teacher_accuracy': accuracy,
+               'teacher_path': os.path.abspath(teacher_path)}
+    run.finish(results)
     logger.info('Teacher written to %s', teacher_path)
     return results

@@ -1,5 +1,7 @@
 """Zero-shot knowledge transfer: the compiled iteration (Algorithm 1) and the training job."""
 import functools
+import logging
+import os
 from typing import Any, Callable, Dict, NamedTuple
 
 import flax.struct
@@ -9,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import losses, parallel
-from zskt_jax.errors import ConfigError, NonFiniteLossError
+from zskt_jax import checkpoints, losses, parallel
+from zskt_jax.errors import ConfigError, NonFiniteLossError  # noqa: F401 (raised by the loop)
 from zskt_jax.models.layers import INPUT_MOMENTS
 from zskt_jax.parallel import DATA_AXIS, data_parallel
-from zskt_jax.preemption import PreemptionGuard
 from zskt_jax.state import TrainState, cosine_learning_rate
+
+logger = logging.getLogger('zskt_jax')
 
 
 class Models(NamedTuple):
@@ -405,104 +408,35 @@ def create_states(config, models: Models, mesh):
     return parallel.replicate(state, mesh), z_key
 
 
-def _copy(tree):
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+def _read_metrics(metrics) -> Dict[str, float]:
+    # One scalar per seed; with several seeds the logged value is their mean (a NaN in any seed
+    # makes it NaN).
+    return {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()
+            if np.ndim(v) == np.ndim(metrics['student_loss'])}
 
 
-def last_finite_state(iteration_fn, iteration: int, state, teacher_variables, z_key):
-    """Re-run the iterations from ``state`` (after ``iteration``, its metrics read finite) one at
-    a time up to the first one with non-finite metrics: (the iterations done before it, the
-    states before it, its metrics). The iterations are deterministic, so these are the states the
-    run had."""
-    while True:
-        candidate, metrics = iteration_fn(_copy(state), teacher_variables, z_key)
-        metrics = jax.device_get(metrics)
-        if not _is_finite({k: np.mean(v) for k, v in metrics.items()}):
-            return iteration, state, metrics
-        iteration, state = iteration + 1, candidate
-
-
-def _is_finite(metrics) -> bool:
-    return all(np.isfinite(v) for v in metrics.values())
-
-
-def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-    """Distil the teacher into the student with no data; returns the results written to
-    ``{workdir}/results.json``."""
-    import os
-    from zskt_jax import checkpoints, common, data, parallel, reporting
-    logger = reporting.logger
-    clock = reporting.RunClock()  # wall time, summed over resumes
-    is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+def make_evaluate(config, models: Models, mesh, run, teacher_accuracy: float, seeds, z_key):
+    """``evaluate(iteration, state)``: the student's test accuracy (each seed's), per class and
+    the classes it never predicts, into the run's history, TensorBoard and the log, with a grid of
+    the first seed's generated images."""
+    from zskt_jax import common, data, reporting
     info = data.dataset_info(config.dataset)
-    mesh = parallel.make_mesh()
-    parallel.check_divisible(config.batch_size, mesh)
-
-    teacher_variables, teacher_meta = common.load_teacher_for(config)
-    models = Models(generator=common.build_generator(config),
-                    student=common.build_network(config.student, info.num_classes, config),
-                    teacher=common.build_network(config.teacher, info.num_classes, config))
-    teacher_variables = parallel.replicate(teacher_variables, mesh)
-    state, z_key = create_states(config, models, mesh)
-
-    # Resume from the latest checkpoint of this workdir, if any.
-    run_checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
-                                                 config.keep_checkpoints)
-    config_dict = config.to_dict()
-
-    same_teacher = checkpoints.same_teacher_as(teacher_meta, common.teacher_dir(config))
-    start_iteration, saved, meta = checkpoints.restore_latest(
-        run_checkpoints, state.state_dict(), config_dict, RESUME_FIELDS,
-        fallback=config.get('resume_fallback', False), validate_meta=same_teacher,
-        defaults=RESUME_DEFAULTS)
-    history = []
-    if saved is not None:
-        state = state.replace_from(saved)
-        history = meta.get('history', [])
-        clock.resume(meta)
-        logger.info('Resumed from %s/%d', run_checkpoints.directory, start_iteration)
-    else:
-        start_iteration = 0
-
-    def save(iteration, state, force=False):
-        run_checkpoints.save(iteration, state.state_dict(),
-                             {'config': config_dict, 'iteration': iteration,
-                              'teacher_path': os.path.abspath(common.teacher_dir(config)),
-                              'teacher_checksum': teacher_meta['checksum'], 'history': history,
-                              'wall_time_s': clock()},
-                             force=force)
-
     eval_images, eval_labels = common.load_eval_split(config)
     evaluator = common.Evaluator(models.student, config.dataset, eval_images, eval_labels,
                                  config.eval_batch_size, mesh)
-    teacher_accuracy = common.Evaluator(models.teacher, config.dataset, eval_images, eval_labels,
-                                        config.eval_batch_size, mesh)(teacher_variables)
-    logger.info('Teacher %s test accuracy: %.2f%%', config.teacher.arch, 100 * teacher_accuracy)
-
-    writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'), active=is_main)
-    iteration_fn = make_iteration_fn(models, config, mesh, donate=True)
-    seeds = seeds_of(config)
     seed_slice = (lambda tree, i: tree) if len(seeds) == 1 else (
         lambda tree, i: jax.tree.map(lambda x: x[i], tree))
-    if len(seeds) > 1 and jax.default_backend() == 'cpu':
-        logger.warning('config.num_seeds = %d on CPU: XLA:CPU runs the vmapped convolutions '
-                       'slowly (3 seeds took 3.7x as long as 3 single-seed runs, README Speed); '
-                       'scripts/seeds.py runs the seeds one after another.', len(seeds))
-    # The image grid shows the first seed's generator.
     sample_z = jax.random.normal(jax.random.fold_in(seed_slice(z_key, 0), 2**32 - 1),
                                  (32, config.generator.z_dim))
     draw_samples = jax.jit(lambda g: models.generator.apply(
         {'params': g.params, 'batch_stats': g.batch_stats}, sample_z, train=False))
 
     def evaluate(iteration, state):
-        student = state.student
-        counts = [evaluator.counts({'params': seed_slice(student.params, i),
-                                    'batch_stats': seed_slice(student.batch_stats, i)})
+        counts = [evaluator.counts({'params': seed_slice(state.student.params, i),
+                                    'batch_stats': seed_slice(state.student.batch_stats, i)})
                   for i in range(len(seeds))]
         accuracies = [c.accuracy for c in counts]
-        accuracy = float(np.mean(accuracies))
-        elapsed = clock()  # time to accuracy
+        accuracy, elapsed = float(np.mean(accuracies)), run.clock()  # time to accuracy
         # Per-class accuracy, and the classes the student never predicts: a stalled run (one
         # whose generator never made it learn a class) shows here, not in the training losses.
         per_class = [c.recall() for c in counts]
@@ -520,96 +454,85 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             for s, a, n in zip(seeds, accuracies, never):
                 scalars.update({f'eval/student_accuracy_seed{s}': a,
                                 f'eval/classes_never_predicted_seed{s}': len(n)})
-        history.append(entry)
-        writer.scalars(iteration, scalars)
-        writer.image(iteration, 'generated', reporting.image_grid(
+        run.history.append(entry)
+        run.writer.scalars(iteration, scalars)
+        run.writer.image(iteration, 'generated', reporting.image_grid(
             np.asarray(jax.device_get(draw_samples(seed_slice(state.generator, 0)))), info.mean,
             info.std))
-        writer.flush()
+        run.writer.flush()
         stalled = [('' if len(seeds) == 1 else f'seed {s} ') + 'never predicts class '
                    + ', '.join(map(str, n)) for s, n in zip(seeds, never) if n]
         logger.info('[%d/%d] student test accuracy %s (teacher %.2f%%)%s', iteration,
                     config.num_iterations, ', '.join(f'{100 * a:.2f}%' for a in accuracies),
                     100 * teacher_accuracy, ''.join('; ' + line for line in stalled))
-        return accuracy
 
-    progress = reporting.Progress(start_iteration, config.num_iterations)
-    stop_after = config.get('stop_after_iterations', 0)
-    stopped_at = None
-    metrics = {}
-    # The last states whose metrics were read and finite (a copy: the states passed to the
-    # compiled iteration are donated to it), to find the last finite states from.
-    anchor = (start_iteration, _copy(state))
-    with PreemptionGuard() as preemption:
-        for iteration in range(start_iteration, config.num_iterations):
-            # The host does not wait for the iterations it dispatches: it reads the metrics back
-            # only where it acts on them.
-            state, device_metrics = iteration_fn(state, teacher_variables, z_key)
-            done = iteration + 1
-            stop = preemption.requested() or (stop_after and done - start_iteration >= stop_after)
-            if not (stop or done == config.num_iterations or any(
-                    done % every == 0 for every in (config.log_every, config.eval_every,
-                                                    config.checkpoint_every))):
-                continue
-            # One scalar per seed; with several seeds the logged value is their mean (a NaN in
-            # any seed makes it NaN).
-            metrics = {k: float(np.mean(v)) for k, v in jax.device_get(device_metrics).items()
-                       if np.ndim(v) == np.ndim(device_metrics['student_loss'])}
-            if not _is_finite(metrics):
-                # Keep the last good states: those before the first iteration that produced
-                # non-finite values are saved.
-                good, state, metrics = last_finite_state(iteration_fn, *anchor, teacher_variables,
-                                                         z_key)
-                save(good, state, force=True)
-                run_checkpoints.wait()
-                bad = {k: np.mean(v).item() for k, v in metrics.items()
-                       if not np.isfinite(np.mean(v))}
-                raise NonFiniteLossError(
-                    f'Non-finite values at iteration {good + 1}: {bad}. The states before '
-                    f'it are saved in {run_checkpoints.directory}/{good}; lower the learning '
-                    'rates or check the teacher.')
-            anchor = (done, _copy(state))
-            if done % config.log_every == 0 or done == config.num_iterations:
-                logger.info(progress.line(done, {k: metrics[k] for k in (
-                    'generator_loss', 'student_loss', config.adversarial_loss, 'attention',
-                    'agreement')}))
-                writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
-            if done % config.eval_every == 0 or done == config.num_iterations:
-                evaluate(done, state)
-            if done % config.checkpoint_every == 0 or done == config.num_iterations or stop:
-                save(done, anchor[1], force=bool(stop))  # a copy the next iteration leaves alone
-            if stop and done < config.num_iterations:
-                stopped_at = done
-                break
+    return evaluate
 
-    run_checkpoints.wait()
-    run_checkpoints.close()
-    if stopped_at is not None:
-        writer.close()
-        return checkpoints.stopped('zero_shot', run_checkpoints, stopped_at)
-    if not history or history[-1]['iteration'] != config.num_iterations:
-        evaluate(config.num_iterations, state)
-    writer.close()
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+    """Distil the teacher into the student with no data; returns the results written to
+    ``{workdir}/results.json``."""
+    from zskt_jax import common, data, loop, reporting
+    info = data.dataset_info(config.dataset)
+    mesh = parallel.make_mesh()
+    parallel.check_divisible(config.batch_size, mesh)
+
+    teacher_variables, teacher_meta = common.load_teacher_for(config)
+    models = Models(generator=common.build_generator(config),
+                    student=common.build_network(config.student, info.num_classes, config),
+                    teacher=common.build_network(config.teacher, info.num_classes, config))
+    teacher_variables = parallel.replicate(teacher_variables, mesh)
+    state, z_key = create_states(config, models, mesh)
+    teacher_path = os.path.abspath(common.teacher_dir(config))
+    run = loop.RunDir(workdir, config, RESUME_FIELDS, defaults=RESUME_DEFAULTS,
+                      validate_meta=checkpoints.same_teacher_as(teacher_meta, teacher_path))
+    run.record = {'teacher_path': teacher_path, 'teacher_checksum': teacher_meta['checksum']}
+    start, saved, _ = run.restore(state.state_dict())
+    state = state if saved is None else state.replace_from(saved)
+
+    eval_images, eval_labels = common.load_eval_split(config)
+    teacher_accuracy = common.Evaluator(models.teacher, config.dataset, eval_images, eval_labels,
+                                        config.eval_batch_size, mesh)(teacher_variables)
+    logger.info('Teacher %s test accuracy: %.2f%%', config.teacher.arch, 100 * teacher_accuracy)
+    seeds = seeds_of(config)
+    if len(seeds) > 1 and jax.default_backend() == 'cpu':
+        logger.warning('config.num_seeds = %d on CPU: XLA:CPU runs the vmapped convolutions '
+                       'slowly (3 seeds took 3.7x as long as 3 single-seed runs, README Speed); '
+                       'scripts/seeds.py runs the seeds one after another.', len(seeds))
+    evaluate = make_evaluate(config, models, mesh, run, teacher_accuracy, seeds, z_key)
+    iteration_fn = make_iteration_fn(models, config, mesh, donate=True)
+    progress = reporting.Progress(start, config.num_iterations)
+    shown = ('generator_loss', 'student_loss', config.adversarial_loss, 'attention', 'agreement')
+
+    def log(done, metrics):
+        logger.info(progress.line(done, {k: metrics[k] for k in shown}))
+        run.writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
+
+    end = loop.train_loop(
+        lambda state, i: iteration_fn(state, teacher_variables, z_key), state, start,
+        config.num_iterations, loop.Cadence(config.log_every, config.eval_every,
+                                            config.checkpoint_every,
+                                            config.get('stop_after_iterations', 0)),
+        run=run, state_dict=lambda state: state.state_dict(), read_metrics=_read_metrics,
+        log=log, evaluate=evaluate, progress=progress,
+        non_finite_hint='lower the learning rates or check the teacher')
+    if end.stopped_at is not None:
+        return run.stopped('zero_shot', end.stopped_at)
+    if not run.history or run.history[-1]['iteration'] != config.num_iterations:
+        evaluate(config.num_iterations, end.state)  # resumed from the last checkpoint
+    final = run.history[-1]
     results = {
         'job': 'zero_shot',
         # The FINAL iterate is the reported result (REFERENCE.md, "Evaluation"), not the best.
-        'student_accuracy': history[-1]['student_accuracy'],  # mean over seeds
-        'teacher_accuracy': teacher_accuracy,
-        'iterations': config.num_iterations,
-        'wall_time_s': clock(),
-        'history': history,
-        'final_train_metrics': metrics,
-        'seeds': seeds,
-        'teacher_path': os.path.abspath(common.teacher_dir(config)),
-        'devices': jax.device_count(),
-        'backend': jax.default_backend(),
-        'config': config_dict,
+        'student_accuracy': final['student_accuracy'],  # mean over seeds
+        'teacher_accuracy': teacher_accuracy, 'iterations': config.num_iterations,
+        'final_train_metrics': end.metrics, 'seeds': seeds, 'teacher_path': teacher_path,
     }
     if len(seeds) > 1:
-        per_seed = history[-1]['student_accuracy_per_seed']
-        results['student_accuracy_per_seed'] = per_seed
-        results['student_accuracy_std'] = float(np.std(per_seed))  # population std (ddof=0)
-    path = reporting.write_results(workdir, results, active=is_main)
+        results['student_accuracy_per_seed'] = final['student_accuracy_per_seed']
+        # population std (ddof=0)
+        results['student_accuracy_std'] = float(np.std(final['student_accuracy_per_seed']))
+    path = run.finish(results)
     if path:
         logger.info('Student %.2f%%, teacher %.2f%% (%.1f%% of the teacher); results in %s',
                     100 * results['student_accuracy'], 100 * teacher_accuracy,
