@@ -136,6 +136,31 @@ def test_non_finite_iteration_between_metric_reads_saves_the_states_before_it(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_zero_shot_iterations_transfer_nothing_between_host_and_device(
+        tmp_path, digits_data_dir, tiny_teacher, monkeypatch):
+    """Between the points where the loop reads metrics back, an iteration moves no data between
+    host and device (every implicit transfer is an error under the guard)."""
+    import jax
+    from zskt_jax import zero_shot
+    real = zero_shot.make_iteration_fn
+    calls = []
+
+    def guarded(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def iteration_fn(*inputs):
+            calls.append(1)
+            with jax.transfer_guard('disallow'):
+                return step(*inputs)
+        return iteration_fn
+
+    monkeypatch.setattr(zero_shot, 'make_iteration_fn', guarded)
+    config = tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_iterations=4, log_every=4,
+                                   eval_every=4, checkpoint_every=4)
+    results = zero_shot.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert results['iterations'] == 4 and len(calls) == 4
+
+
 def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_path, monkeypatch):
     """The recipe trains the teacher the distillation will load: the config's dataset, data
     dir, teacher network and precision replace the recipe's own; the recipe's path is read

@@ -29,6 +29,13 @@ class CheckpointMismatchError(UserError, ValueError):
     pass
 
 
+def barrier(name: str) -> None:
+    """Every process waits here for the others (after a write by process 0 that they read)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def variables_checksum(variables) -> str:
     """sha256 over every leaf's path, dtype, shape and bytes: identifies a teacher exactly."""
     digest = hashlib.sha256()
@@ -53,6 +60,7 @@ def save_teacher(path: str, variables: Dict[str, Any], meta: Dict[str, Any]) -> 
         with open(os.path.join(path, 'teacher.json.tmp'), 'w') as f:
             json.dump(meta, f, indent=2, sort_keys=True)
         os.replace(os.path.join(path, 'teacher.json.tmp'), os.path.join(path, 'teacher.json'))
+    barrier(f'teacher written to {path}')
 
 
 def load_teacher(path: str, make_hint: str = ''):
@@ -193,6 +201,7 @@ def restore_latest(run_checkpoints: RunCheckpoints, target: Dict[str, Any], conf
                        location, type(failure).__name__, aside)
         if jax.process_index() == 0:
             os.replace(location, aside)
+        barrier(f'{location} moved aside')
         run_checkpoints.manager.reload()
     return None, None, None
 
