@@ -142,3 +142,11 @@ class Evaluator:
 
     def __call__(self, variables) -> float:
         return self.counts(variables).accuracy
+
+
+def teacher_accuracy(config, model, variables, eval_images, eval_labels, mesh) -> float:
+    """The teacher's test accuracy, logged (every distillation reports it beside the student's)."""
+    accuracy = Evaluator(model, config.dataset, eval_images, eval_labels,
+                         config.eval_batch_size, mesh)(variables)
+    logger.info('Teacher %s test accuracy: %.2f%%', config.teacher.arch, 100 * accuracy)
+    return accuracy

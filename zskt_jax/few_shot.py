@@ -163,6 +163,41 @@ def _initial_student(config, state, mesh):
     return state.replace(params=variables['params'], batch_stats=variables['batch_stats']), meta
 
 
+def _restore_or_initialise(config, state, mesh, run):
+    """(start iteration, student state, record of its initialisation): the run's latest
+    checkpoint, else the student of ``config.init_student_from``, else ``state`` as it is."""
+    start, saved, meta = run.restore({'student': state.state_dict()})
+    if saved is not None:
+        return start, state.replace_from(saved['student']), meta.get('init_student')
+    if not config.init_student_from:
+        return 0, state, None
+    state, source = _initial_student(config, state, mesh)
+    return 0, state, {'workdir': source['workdir'], 'iteration': source['step'],
+                      'job': source['config'].get('job')}
+
+
+def _make_evaluate(config, student_model, mesh, run, eval_split, teacher_accuracy: float,
+                   total_iterations: int):
+    """``evaluate(iteration, state)``: the student's test accuracy into the run's history,
+    TensorBoard and the log."""
+    evaluator = common.Evaluator(student_model, config.dataset, *eval_split,
+                                 config.eval_batch_size, mesh)
+
+    def evaluate(iteration, state):
+        accuracy = evaluator({'params': state.params, 'batch_stats': state.batch_stats})
+        elapsed = run.clock()  # time to accuracy
+        run.history.append({'iteration': iteration, 'student_accuracy': accuracy,
+                            'wall_time_s': elapsed})
+        run.writer.scalars(iteration, {'eval/student_accuracy': accuracy,
+                                       'eval/teacher_accuracy': teacher_accuracy,
+                                       'eval/wall_time_s': elapsed})
+        run.writer.flush()
+        logger.info('[%d/%d] student test accuracy %.2f%% (teacher %.2f%%)', iteration,
+                    total_iterations, 100 * accuracy, 100 * teacher_accuracy)
+
+    return evaluate
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Train the student with KD+AT on M images per class; returns the results written to
     ``{workdir}/results.json``."""
@@ -191,37 +226,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     teacher_path = os.path.abspath(common.teacher_dir(config))
     run = loop.RunDir(workdir, config, RESUME_FIELDS,
                       validate_meta=checkpoints.same_teacher_as(teacher_meta, teacher_path))
-    start, saved, meta = run.restore({'student': state.state_dict()})
-    if saved is not None:
-        state, init_meta = state.replace_from(saved['student']), meta.get('init_student')
-    elif config.init_student_from:
-        state, source = _initial_student(config, state, mesh)
-        init_meta = {'workdir': source['workdir'], 'iteration': source['step'],
-                     'job': source['config'].get('job')}
-    else:
-        init_meta = None
+    start, state, init_meta = _restore_or_initialise(config, state, mesh, run)
     run.record = {'teacher_path': teacher_path, 'teacher_checksum': teacher_meta['checksum'],
                   'init_student': init_meta}
-
     eval_images, eval_labels = common.load_eval_split(config)
-    evaluator = common.Evaluator(student_model, config.dataset, eval_images, eval_labels,
-                                 config.eval_batch_size, mesh)
-    teacher_accuracy = common.Evaluator(teacher_model, config.dataset, eval_images, eval_labels,
-                                        config.eval_batch_size, mesh)(teacher_variables)
-    logger.info('Teacher %s test accuracy: %.2f%%', config.teacher.arch, 100 * teacher_accuracy)
-
-    def evaluate(iteration, state):
-        accuracy = evaluator({'params': state.params, 'batch_stats': state.batch_stats})
-        elapsed = run.clock()  # time to accuracy
-        run.history.append({'iteration': iteration, 'student_accuracy': accuracy,
-                            'wall_time_s': elapsed})
-        run.writer.scalars(iteration, {'eval/student_accuracy': accuracy,
-                                       'eval/teacher_accuracy': teacher_accuracy,
-                                       'eval/wall_time_s': elapsed})
-        run.writer.flush()
-        logger.info('[%d/%d] student test accuracy %.2f%% (teacher %.2f%%)', iteration,
-                    total_iterations, 100 * accuracy, 100 * teacher_accuracy)
-
+    teacher_accuracy = common.teacher_accuracy(config, teacher_model, teacher_variables,
+                                               eval_images, eval_labels, mesh)
+    evaluate = _make_evaluate(config, student_model, mesh, run, (eval_images, eval_labels),
+                              teacher_accuracy, total_iterations)
     if start == 0 and config.init_student_from:
         evaluate(0, state)  # the zero-shot student before fine-tuning
 

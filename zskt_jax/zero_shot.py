@@ -415,14 +415,14 @@ def _read_metrics(metrics) -> Dict[str, float]:
             if np.ndim(v) == np.ndim(metrics['student_loss'])}
 
 
-def make_evaluate(config, models: Models, mesh, run, teacher_accuracy: float, seeds, z_key):
+def make_evaluate(config, models: Models, mesh, run, eval_split, teacher_accuracy: float, seeds,
+                  z_key):
     """``evaluate(iteration, state)``: the student's test accuracy (each seed's), per class and
     the classes it never predicts, into the run's history, TensorBoard and the log, with a grid of
     the first seed's generated images."""
     from zskt_jax import common, data, reporting
     info = data.dataset_info(config.dataset)
-    eval_images, eval_labels = common.load_eval_split(config)
-    evaluator = common.Evaluator(models.student, config.dataset, eval_images, eval_labels,
+    evaluator = common.Evaluator(models.student, config.dataset, *eval_split,
                                  config.eval_batch_size, mesh)
     seed_slice = (lambda tree, i: tree) if len(seeds) == 1 else (
         lambda tree, i: jax.tree.map(lambda x: x[i], tree))
@@ -490,16 +490,16 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     start, saved, _ = run.restore(state.state_dict())
     state = state if saved is None else state.replace_from(saved)
 
-    eval_images, eval_labels = common.load_eval_split(config)
-    teacher_accuracy = common.Evaluator(models.teacher, config.dataset, eval_images, eval_labels,
-                                        config.eval_batch_size, mesh)(teacher_variables)
-    logger.info('Teacher %s test accuracy: %.2f%%', config.teacher.arch, 100 * teacher_accuracy)
+    eval_split = common.load_eval_split(config)
+    teacher_accuracy = common.teacher_accuracy(config, models.teacher, teacher_variables,
+                                               *eval_split, mesh)
     seeds = seeds_of(config)
     if len(seeds) > 1 and jax.default_backend() == 'cpu':
         logger.warning('config.num_seeds = %d on CPU: XLA:CPU runs the vmapped convolutions '
                        'slowly (3 seeds took 3.7x as long as 3 single-seed runs, README Speed); '
                        'scripts/seeds.py runs the seeds one after another.', len(seeds))
-    evaluate = make_evaluate(config, models, mesh, run, teacher_accuracy, seeds, z_key)
+    evaluate = make_evaluate(config, models, mesh, run, eval_split, teacher_accuracy, seeds,
+                             z_key)
     iteration_fn = make_iteration_fn(models, config, mesh, donate=True)
     progress = reporting.Progress(start, config.num_iterations)
     shown = ('generator_loss', 'student_loss', config.adversarial_loss, 'attention', 'agreement')
