@@ -259,6 +259,51 @@ class AuthorsIteration:
             torch.cuda.synchronize(self.device)
 
 
+class SameWorkIteration(AuthorsIteration):
+    """The same iteration doing the work zskt_jax's does: the teacher frozen (no weight
+    gradients), the student's weights left out of the generator update's backward, the images
+    and the teacher's outputs computed once for the n_s student updates, detached, so no
+    gradient is taken and thrown away. A PyTorch user writing the method efficiently would run
+    this; the ratio against it separates the framework from the authors' extra work."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher.requires_grad_(False)
+
+    def __call__(self):
+        z = torch.randn((self.batch_size, self.z_dim), device=self.device)
+        self.student.requires_grad_(False)  # the generator update needs no student gradients
+        for _ in range(self.n_g):
+            x_pseudo = self.generator(z)
+            student_logits, *_ = self.student(x_pseudo)
+            teacher_logits, *_ = self.teacher(x_pseudo)
+            generator_loss = -kl_divergence(student_logits, teacher_logits)
+            self.optimizer_generator.zero_grad()
+            generator_loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)
+            self.optimizer_generator.step()
+        self.student.requires_grad_(True)
+        with torch.no_grad():  # G and T are fixed during the student updates
+            x_pseudo = self.generator(z)
+            teacher_logits, *teacher_activations = self.teacher(x_pseudo)
+        for _ in range(self.n_s):
+            student_logits, *student_activations = self.student(x_pseudo)
+            student_loss = kl_divergence(student_logits, teacher_logits)
+            if self.beta > 0:
+                for s, t in zip(student_activations, teacher_activations):
+                    student_loss = student_loss + self.beta * attention_diff(s, t)
+            self.optimizer_student.zero_grad()
+            student_loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+            self.optimizer_student.step()
+        self.scheduler_student.step()
+        self.scheduler_generator.step()
+        return generator_loss.detach(), student_loss.detach()
+
+
+ITERATIONS = {'authors': AuthorsIteration, 'same': SameWorkIteration}
+
+
 def count_iteration_flops(iteration):
     """FLOPs of one iteration by torch.utils.flop_counter (convolutions and matmuls, forward and
     backward, 2 per multiply-add; elementwise ops, BatchNorm and Adam are not counted)."""
@@ -297,13 +342,14 @@ def cpu_count():
 def run(teacher_arch='WRN-40-2', student_arch='WRN-16-1', base_width=16, batch_size=128,
         generator_hidden=128, n_g=1, n_s=10, beta=250.0, repeats=5, warmup=1, device='auto',
         threads=None, count_flops=True, num_classes=10, z_dim=100, log=print,
-        teacher_base_width=None, student_base_width=None):
-    """Times the authors' iteration; returns a dict of results (seconds per iteration, ...)."""
+        teacher_base_width=None, student_base_width=None, work='authors'):
+    """Times the authors' iteration (``work='authors'``) or the same-work one (``'same'``);
+    returns a dict of results (seconds per iteration, ...)."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     threads = threads or cpu_count()
     torch.set_num_threads(threads)
-    iteration = AuthorsIteration(teacher_arch, student_arch, base_width,
+    iteration = ITERATIONS[work](teacher_arch, student_arch, base_width,
                                  teacher_base_width=teacher_base_width,
                                  student_base_width=student_base_width, num_classes=num_classes,
                                  batch_size=batch_size, z_dim=z_dim,
@@ -323,7 +369,8 @@ def run(teacher_arch='WRN-40-2', student_arch='WRN-16-1', base_width=16, batch_s
     flops = count_iteration_flops(iteration) if count_flops else None
     memory, memory_source = peak_memory(iteration.device)
     return {
-        'framework': 'pytorch', 'torch_version': torch.__version__, 'device': str(iteration.device),
+        'framework': 'pytorch', 'work': work, 'torch_version': torch.__version__,
+        'device': str(iteration.device),
         'threads': threads, 'teacher': teacher_arch, 'student': student_arch,
         'teacher_base_width': teacher_base_width or base_width,
         'student_base_width': student_base_width or base_width,
@@ -358,6 +405,8 @@ def main(argv=None):
     parser.add_argument('--device', default='auto', help="auto (cuda if available) | cpu | cuda")
     parser.add_argument('--threads', type=int, default=0, help='torch threads (0: every core)')
     parser.add_argument('--no_flops', action='store_true', help='skip the FLOP count')
+    parser.add_argument('--work', choices=sorted(ITERATIONS), default='authors',
+                        help="authors: their iteration's work; same: the work zskt_jax does")
     parser.add_argument('--json_out', default='', help='write the results here as JSON')
     args = parser.parse_args(argv)
     log = lambda line: print(line, flush=True)
@@ -365,7 +414,7 @@ def main(argv=None):
                  args.generator_hidden, args.n_g, args.n_s, args.beta, args.repeats, args.warmup,
                  args.device, args.threads or None, not args.no_flops, args.num_classes,
                  args.z_dim, log, args.teacher_base_width or None,
-                 args.student_base_width or None)
+                 args.student_base_width or None, args.work)
     log(f"  [torch] {result['seconds_per_iteration']:.3f} s/it (median of {args.repeats}), "
         f"{result['threads']} threads on {result['device']}")
     if args.json_out:

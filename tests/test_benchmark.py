@@ -22,25 +22,30 @@ def test_quick_benchmark_prints_both_frameworks_and_the_ratio(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    # One s/it, images/s, FLOP/it and peak-memory line per framework.
-    assert len(re.findall(r'^  s/it: \d+\.\d+ \(median of 2;', out, re.M)) == 2, out
-    assert len(re.findall(r'^  images/s: \d+\.\d+$', out, re.M)) == 2, out
-    assert len(re.findall(r'^  FLOP/it: \d+\.\d+ [GT]FLOP \(', out, re.M)) == 2, out
-    assert len(re.findall(r'^  FLOP/s: \d+\.\d+ GFLOP/s', out, re.M)) == 2, out
-    assert len(re.findall(r'^  peak memory: \d+\.\d+ GiB \(', out, re.M)) == 2, out
+    # One s/it, images/s, FLOP/it and peak-memory line per iteration timed: JAX, PyTorch as the
+    # authors run it, PyTorch doing the same work as JAX.
+    assert len(re.findall(r'^  s/it: \d+\.\d+ \(median of 2;', out, re.M)) == 3, out
+    assert len(re.findall(r'^  images/s: \d+\.\d+$', out, re.M)) == 3, out
+    assert len(re.findall(r'^  FLOP/it: \d+\.\d+ [GT]FLOP \(', out, re.M)) == 3, out
+    assert len(re.findall(r'^  FLOP/s: \d+\.\d+ GFLOP/s', out, re.M)) == 3, out
+    assert len(re.findall(r'^  peak memory: \d+\.\d+ GiB \(', out, re.M)) == 3, out
     assert 'images/s = generated images consumed per second' in out
-    assert re.search(r'^ratio: JAX speed-up over PyTorch = \d+\.\d+x', out, re.M), out
+    assert re.search(r"^ratio: JAX speed-up over PyTorch = \d+\.\d+x against the authors' "
+                     r'iteration, \d+\.\d+x against the same work', out, re.M), out
     assert re.search(r'^FLOP ratio: PyTorch / JAX = \d+\.\d+x', out, re.M), out
 
     report = json.loads(json_out.read_text())
     assert report['images_per_iteration'] == 16 * (1 + 2)  # batch 16, n_g 1, n_s 2 (--quick)
-    for framework in ('jax', 'torch'):
+    for framework in ('jax', 'torch', 'torch_same_work'):
         assert len(report[framework]['times_s']) == 2
         assert report[framework]['flops_per_iteration'] > 0
+    assert (report['torch']['work'], report['torch_same_work']['work']) == ('authors', 'same')
     assert report['jax']['metrics_finite']
     # The authors' iteration does more work than ours: the generator is re-run (and
     # back-propagated through) at every update, and teacher weight gradients are taken.
     assert report['torch']['flops_per_iteration'] > report['jax']['flops_per_iteration']
+    assert (report['torch']['flops_per_iteration']
+            > report['torch_same_work']['flops_per_iteration'])
 
 
 def test_torch_baseline_networks_have_the_papers_parameter_counts():
@@ -87,3 +92,36 @@ def test_torch_baseline_keeps_the_authors_extra_work():
     for name, p in iteration.generator.named_parameters():
         if name.endswith('weight') and p.dim() > 1:
             assert not torch.equal(p.grad, after_generator_step[name]), name
+
+
+def test_torch_same_work_iteration_does_what_jax_does():
+    """Teacher frozen, no student weight gradients in the generator update, images and teacher
+    outputs once for the student updates, no gradient into the generator from them."""
+    torch = pytest.importorskip('torch')
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import torch_baseline
+    finally:
+        sys.path.remove(BENCHMARKS)
+    torch.set_num_threads(1)
+    iteration = torch_baseline.SameWorkIteration(
+        'WRN-10-1', 'WRN-10-1', base_width=4, batch_size=4, generator_hidden=8, n_g=1, n_s=2)
+    teacher_calls, generator_calls = [], []
+    iteration.teacher.register_forward_hook(lambda *_: teacher_calls.append(torch.is_grad_enabled()))
+    iteration.generator.register_forward_hook(
+        lambda *_: generator_calls.append(torch.is_grad_enabled()))
+    student_grads_at_generator_step = []
+    iteration.optimizer_generator.register_step_post_hook(
+        lambda *_: student_grads_at_generator_step.extend(
+            p.grad for p in iteration.student.parameters()))
+    after_generator_step = {}
+    iteration.optimizer_generator.register_step_post_hook(lambda *_: after_generator_step.update(
+        {name: p.grad.clone() for name, p in iteration.generator.named_parameters()}))
+    iteration()
+    assert all(p.grad is None and not p.requires_grad for p in iteration.teacher.parameters())
+    assert all(g is None for g in student_grads_at_generator_step)
+    assert teacher_calls == [True, False]      # generator update, then once under no_grad
+    assert generator_calls == [True, False]    # n_g updates, then once for the n_s updates
+    for name, p in iteration.generator.named_parameters():  # untouched by the student updates
+        assert torch.equal(p.grad, after_generator_step[name]), name
+    assert all(p.grad is not None for p in iteration.student.parameters())
