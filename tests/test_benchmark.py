@@ -13,15 +13,8 @@ from conftest import ROOT
 BENCHMARKS = os.path.join(ROOT, 'benchmarks')
 
 
-def test_quick_benchmark_prints_both_frameworks_and_the_ratio(tmp_path):
-    pytest.importorskip('torch')
-    json_out = tmp_path / 'iteration.json'
-    result = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, 'iteration.py'), '--quick',
-         '--json_out', str(json_out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+def check_iteration_output(out, report):
+    """benchmarks/iteration.py --quick's output and result, float32 with both PyTorch loops."""
     # One s/it, images/s, FLOP/it and peak-memory line per iteration timed: JAX, PyTorch as the
     # authors run it, PyTorch doing the same work as JAX.
     assert len(re.findall(r'^  s/it: \d+\.\d+ \(median of 2;', out, re.M)) == 3, out
@@ -34,7 +27,6 @@ def test_quick_benchmark_prints_both_frameworks_and_the_ratio(tmp_path):
                      r'iteration, \d+\.\d+x against the same work', out, re.M), out
     assert re.search(r'^FLOP ratio: PyTorch / JAX = \d+\.\d+x', out, re.M), out
 
-    report = json.loads(json_out.read_text())
     assert report['images_per_iteration'] == 16 * (1 + 2)  # batch 16, n_g 1, n_s 2 (--quick)
     for framework in ('jax', 'torch', 'torch_same_work'):
         assert len(report[framework]['times_s']) == 2
@@ -46,6 +38,33 @@ def test_quick_benchmark_prints_both_frameworks_and_the_ratio(tmp_path):
     assert report['torch']['flops_per_iteration'] > report['jax']['flops_per_iteration']
     assert (report['torch']['flops_per_iteration']
             > report['torch_same_work']['flops_per_iteration'])
+
+
+def test_gpu_check_quick_mode_measures_every_part(tmp_path):
+    """benchmarks/gpu_check.py --quick on CPU: every iteration variant, the upsampling layers and
+    a digits run from a teacher it trains, in one JSON."""
+    pytest.importorskip('torch')
+    out = tmp_path / 'gpu_check.json'
+    result = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--quick',
+                             f'--out={out}'], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    report = json.loads(out.read_text())
+    variants = report['iteration']
+    assert list(variants) == ['float32', 'bfloat16', 'num_seeds_3', 'unrolled']
+    float32_output = result.stdout.split('== iteration benchmark: bfloat16 ==')[0]
+    check_iteration_output(float32_output, variants['float32'])
+    assert [variants[v]['jax']['compute_dtype'] for v in variants] == [
+        'float32', 'bfloat16', 'float32', 'float32']
+    assert variants['num_seeds_3']['images_per_iteration'] == 3 * 16 * (1 + 2)
+    assert variants['unrolled']['jax']['update_loop'] == 'unroll'
+    assert all(variants[v]['jax']['seconds_per_iteration'] > 0 for v in variants)
+    assert variants['bfloat16']['torch'] is None  # PyTorch only beside float32
+    [layer] = report['upsample_conv3x3']
+    assert layer['upsample_conv3x3_s'] > 0 and layer['upsample_then_conv_s'] > 0
+    digits = report['digits']['digits_default']
+    assert 0 <= digits['student_accuracy'] <= 1 and digits['wall_time_s_with_teacher'] > 0
+    assert report['backend'] == 'cpu' and report['quick']
 
 
 def test_torch_baseline_networks_have_the_papers_parameter_counts():
