@@ -241,18 +241,23 @@ class AuthorsIteration:
             if i == 0:
                 with torch.no_grad():  # once per iteration: teacher and x_pseudo are fixed
                     teacher_logits, *teacher_activations = self.teacher(x_pseudo)
-            student_logits, *student_activations = self.student(x_pseudo)
-            student_loss = kl_divergence(student_logits, teacher_logits)
-            if self.beta > 0:
-                for s, t in zip(student_activations, teacher_activations):
-                    student_loss = student_loss + self.beta * attention_diff(s, t)
-            self.optimizer_student.zero_grad()
-            student_loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
-            self.optimizer_student.step()
+            student_loss = self.student_update(x_pseudo, teacher_logits, teacher_activations)
         self.scheduler_student.step()
         self.scheduler_generator.step()
         return generator_loss.detach(), student_loss.detach()
+
+    def student_update(self, x_pseudo, teacher_logits, teacher_activations):
+        """One student update: KL + beta * attention transfer, Adam after gradient clipping."""
+        student_logits, *student_activations = self.student(x_pseudo)
+        student_loss = kl_divergence(student_logits, teacher_logits)
+        if self.beta > 0:
+            for s, t in zip(student_activations, teacher_activations):
+                student_loss = student_loss + self.beta * attention_diff(s, t)
+        self.optimizer_student.zero_grad()
+        student_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+        self.optimizer_student.step()
+        return student_loss
 
     def synchronize(self):
         if self.device.type == 'cuda':
@@ -287,15 +292,7 @@ class SameWorkIteration(AuthorsIteration):
             x_pseudo = self.generator(z)
             teacher_logits, *teacher_activations = self.teacher(x_pseudo)
         for _ in range(self.n_s):
-            student_logits, *student_activations = self.student(x_pseudo)
-            student_loss = kl_divergence(student_logits, teacher_logits)
-            if self.beta > 0:
-                for s, t in zip(student_activations, teacher_activations):
-                    student_loss = student_loss + self.beta * attention_diff(s, t)
-            self.optimizer_student.zero_grad()
-            student_loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
-            self.optimizer_student.step()
+            student_loss = self.student_update(x_pseudo, teacher_logits, teacher_activations)
         self.scheduler_student.step()
         self.scheduler_generator.step()
         return generator_loss.detach(), student_loss.detach()

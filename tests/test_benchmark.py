@@ -67,13 +67,20 @@ def test_gpu_check_quick_mode_measures_every_part(tmp_path):
     assert report['backend'] == 'cpu' and report['quick']
 
 
-def test_torch_baseline_networks_have_the_papers_parameter_counts():
-    pytest.importorskip('torch')
+def import_torch_baseline():
+    """(torch on one thread, benchmarks/torch_baseline.py), or skip where torch is missing."""
+    torch = pytest.importorskip('torch')
     sys.path.insert(0, BENCHMARKS)
     try:
         import torch_baseline
     finally:
         sys.path.remove(BENCHMARKS)
+    torch.set_num_threads(1)
+    return torch, torch_baseline
+
+
+def test_torch_baseline_networks_have_the_papers_parameter_counts():
+    _, torch_baseline = import_torch_baseline()
     # REFERENCE.md, "WideResNet" and "Generator".
     expected = {'WRN-16-1': 175_066, 'WRN-16-2': 691_674, 'WRN-40-1': 563_930,
                 'WRN-40-2': 2_243_546}
@@ -85,13 +92,7 @@ def test_torch_baseline_networks_have_the_papers_parameter_counts():
 def test_torch_baseline_keeps_the_authors_extra_work():
     """The costs REFERENCE.md lists: teacher weights get gradients in the generator update, the
     student updates back-propagate into the generator, the teacher runs once for them."""
-    torch = pytest.importorskip('torch')
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import torch_baseline
-    finally:
-        sys.path.remove(BENCHMARKS)
-    torch.set_num_threads(1)
+    torch, torch_baseline = import_torch_baseline()
     iteration = torch_baseline.AuthorsIteration(
         'WRN-10-1', 'WRN-10-1', base_width=4, batch_size=4, generator_hidden=8, n_g=1, n_s=2)
     teacher_calls = []
@@ -116,13 +117,7 @@ def test_torch_baseline_keeps_the_authors_extra_work():
 def test_torch_same_work_iteration_does_what_jax_does():
     """Teacher frozen, no student weight gradients in the generator update, images and teacher
     outputs once for the student updates, no gradient into the generator from them."""
-    torch = pytest.importorskip('torch')
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import torch_baseline
-    finally:
-        sys.path.remove(BENCHMARKS)
-    torch.set_num_threads(1)
+    torch, torch_baseline = import_torch_baseline()
     iteration = torch_baseline.SameWorkIteration(
         'WRN-10-1', 'WRN-10-1', base_width=4, batch_size=4, generator_hidden=8, n_g=1, n_s=2)
     teacher_calls, generator_calls = [], []

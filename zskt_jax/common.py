@@ -150,3 +150,13 @@ def teacher_accuracy(config, model, variables, eval_images, eval_labels, mesh) -
                          config.eval_batch_size, mesh)(variables)
     logger.info('Teacher %s test accuracy: %.2f%%', config.teacher.arch, 100 * accuracy)
     return accuracy
+
+
+def distillation_setup(config):
+    """What every distillation starts from: (dataset info, the device mesh, the teacher's variables
+    replicated on it, the teacher's record), with the batch checked against the mesh."""
+    info = data.dataset_info(config.dataset)
+    mesh = parallel.make_mesh()
+    parallel.check_divisible(config.batch_size, mesh)
+    teacher_variables, teacher_meta = load_teacher_for(config)
+    return info, mesh, parallel.replicate(teacher_variables, mesh), teacher_meta

@@ -201,13 +201,9 @@ def _make_evaluate(config, student_model, mesh, run, eval_split, teacher_accurac
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Train the student with KD+AT on M images per class; returns the results written to
     ``{workdir}/results.json``."""
-    info = data.dataset_info(config.dataset)
-    mesh = parallel.make_mesh()
-    parallel.check_divisible(config.batch_size, mesh)
-    teacher_variables, teacher_meta = common.load_teacher_for(config)
+    info, mesh, teacher_variables, teacher_meta = common.distillation_setup(config)
     teacher_model = common.build_network(config.teacher, info.num_classes, config)
     student_model = common.build_network(config.student, info.num_classes, config)
-    teacher_variables = parallel.replicate(teacher_variables, mesh)
 
     train_images, train_labels = common.load_split(config, info.train_split)
     subset = sample_per_class(train_labels, config.images_per_class, config.seed,

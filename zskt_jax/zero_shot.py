@@ -472,16 +472,11 @@ def make_evaluate(config, models: Models, mesh, run, eval_split, teacher_accurac
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Distil the teacher into the student with no data; returns the results written to
     ``{workdir}/results.json``."""
-    from zskt_jax import common, data, loop, reporting
-    info = data.dataset_info(config.dataset)
-    mesh = parallel.make_mesh()
-    parallel.check_divisible(config.batch_size, mesh)
-
-    teacher_variables, teacher_meta = common.load_teacher_for(config)
+    from zskt_jax import common, loop, reporting
+    info, mesh, teacher_variables, teacher_meta = common.distillation_setup(config)
     models = Models(generator=common.build_generator(config),
                     student=common.build_network(config.student, info.num_classes, config),
                     teacher=common.build_network(config.teacher, info.num_classes, config))
-    teacher_variables = parallel.replicate(teacher_variables, mesh)
     state, z_key = create_states(config, models, mesh)
     teacher_path = os.path.abspath(common.teacher_dir(config))
     run = loop.RunDir(workdir, config, RESUME_FIELDS, defaults=RESUME_DEFAULTS,
