@@ -228,14 +228,8 @@ class AuthorsIteration:
         # LearnableLoader draws a new z every n_g + n_s calls and runs the generator at each call.
         z = torch.randn((self.batch_size, self.z_dim), device=self.device)
         for _ in range(self.n_g):
-            x_pseudo = self.generator(z)
-            student_logits, *_ = self.student(x_pseudo)
-            teacher_logits, *_ = self.teacher(x_pseudo)
-            generator_loss = -kl_divergence(student_logits, teacher_logits)
-            self.optimizer_generator.zero_grad()
-            generator_loss.backward()  # grads for G, and for S's and T's weights as well
-            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)
-            self.optimizer_generator.step()
+            # grads for G, and (the authors' extra work) for S's and T's weights as well
+            generator_loss = self.generator_update(z)
         for i in range(self.n_s):
             x_pseudo = self.generator(z)  # not detached: the backward below goes through G
             if i == 0:
@@ -245,6 +239,18 @@ class AuthorsIteration:
         self.scheduler_student.step()
         self.scheduler_generator.step()
         return generator_loss.detach(), student_loss.detach()
+
+    def generator_update(self, z):
+        """One generator update: maximise KL(T || S) on G(z), Adam after gradient clipping."""
+        x_pseudo = self.generator(z)
+        student_logits, *_ = self.student(x_pseudo)
+        teacher_logits, *_ = self.teacher(x_pseudo)
+        generator_loss = -kl_divergence(student_logits, teacher_logits)
+        self.optimizer_generator.zero_grad()
+        generator_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)
+        self.optimizer_generator.step()
+        return generator_loss
 
     def student_update(self, x_pseudo, teacher_logits, teacher_activations):
         """One student update: KL + beta * attention transfer, Adam after gradient clipping."""
@@ -279,14 +285,7 @@ class SameWorkIteration(AuthorsIteration):
         z = torch.randn((self.batch_size, self.z_dim), device=self.device)
         self.student.requires_grad_(False)  # the generator update needs no student gradients
         for _ in range(self.n_g):
-            x_pseudo = self.generator(z)
-            student_logits, *_ = self.student(x_pseudo)
-            teacher_logits, *_ = self.teacher(x_pseudo)
-            generator_loss = -kl_divergence(student_logits, teacher_logits)
-            self.optimizer_generator.zero_grad()
-            generator_loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)
-            self.optimizer_generator.step()
+            generator_loss = self.generator_update(z)
         self.student.requires_grad_(True)
         with torch.no_grad():  # G and T are fixed during the student updates
             x_pseudo = self.generator(z)
