@@ -24,6 +24,6 @@ def get_config():
     config.plot_steps = 30            # the figure shows steps 0..plot_steps (paper's Figure 4)
     config.attack_loop = 'auto'       # the K steps as: scan | steps (a jitted step K times) | auto
                                       # (steps on CPU, where XLA is slow inside loops; scan elsewhere)
-    config.log_every = 10             # chunks between progress lines
+    config.log_every_chunks = 10             # chunks between progress lines
     config.compute_dtype = 'float32'
     return config

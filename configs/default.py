@@ -1,6 +1,8 @@
 """The paper's hyperparameters (REFERENCE.md). Dataset configs start here and change what differs."""
 import ml_collections
 
+from configs import runtime
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -44,16 +46,8 @@ def get_config():
     config.replay_size = 0            # CMI's image pool: past generated images kept (a multiple of batch_size)
     config.replay_batch = 0           # images replayed from it into every student batch
 
-    config.eval_every = 500           # iterations between evaluations (N / 100); also at the end
-    config.eval_batch_size = 500
-    config.log_every = 50             # iterations between progress lines and scalar summaries
-    config.checkpoint_every = 1000    # iterations between checkpoints
-    config.keep_checkpoints = 3       # most recent checkpoints kept
-    config.resume_fallback = False    # if the latest checkpoint is unreadable, use the previous one
-    config.stop_after_iterations = 0  # >0: checkpoint and stop after this many iterations of a run
-    config.compute_dtype = 'float32'  # activations dtype: float32 | bfloat16 (params, Adam, losses stay f32)
+    runtime.add(config, unit='iterations', log_every=50, eval_every=500,  # eval: N / 100
+                checkpoint_every=1000, keep_checkpoints=3)
     config.num_seeds = 1              # >1: that many generator/student pairs (seeds seed..seed+k-1) in one program
     config.update_loop = 'auto'       # n_g/n_s updates as: scan | unroll | auto (unroll on CPU)
-    config.weight_grad_chunk = 0      # >0: conv kernel gradients summed over slices of this many
-                                      # examples (8: ~1.25x faster on XLA:CPU; see the README)
     return config

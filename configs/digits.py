@@ -36,8 +36,8 @@ def get_config():
     # XLA:CPU: conv kernel gradients over slices of 64 of the 256-image student batch (0.40
     # instead of 0.53 s an iteration on the 2-core CPU; the same gradients up to rounding).
     config.weight_grad_chunk = 64
-    config.eval_every = 50
+    config.eval_every_iterations = 50
     config.eval_batch_size = 360
-    config.log_every = 25
-    config.checkpoint_every = 100
+    config.log_every_iterations = 25
+    config.checkpoint_every_iterations = 100
     return config

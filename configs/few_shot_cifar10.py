@@ -12,5 +12,5 @@ def get_config():
     config.dataset = 'cifar10'
     config.full_data_epochs = 200     # 50,000 // 128 = 390 iterations an epoch: 78,000 iterations
     config.augment = 'crop_flip'      # the CIFAR-10 teachers' augmentation
-    config.eval_every = 780           # every 2 full-data epochs: 100 evaluations
+    config.eval_every_iterations = 780           # every 2 full-data epochs: 100 evaluations
     return config

@@ -5,7 +5,7 @@ Teacher and student as the zero-shot default (configs/default.py), the teacher's
 """
 import ml_collections
 
-from configs import default, teacher_default
+from configs import default, runtime, teacher_default
 
 
 def get_config():
@@ -44,14 +44,6 @@ def get_config():
     config.temperature = 4.0
     config.beta = 1000.0
 
-    config.eval_every = 572           # iterations between evaluations (about N / 100); also at the end
-    config.eval_batch_size = 500
-    config.log_every = 100            # iterations between progress lines and scalar summaries
-    config.checkpoint_every = 2000    # iterations between checkpoints
-    config.keep_checkpoints = 3
-    config.stop_after_iterations = 0  # >0: checkpoint and stop after this many iterations of a run
-    config.resume_fallback = False    # if the latest checkpoint is unreadable, use the previous one
-    config.compute_dtype = 'float32'
-    config.weight_grad_chunk = 0      # >0: conv kernel gradients summed over slices of this many
-                                      # examples (8: ~1.25x faster on XLA:CPU; see the README)
+    runtime.add(config, unit='iterations', log_every=100, eval_every=572,  # eval: about N / 100
+                checkpoint_every=2000, keep_checkpoints=3)
     return config

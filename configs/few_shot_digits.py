@@ -22,7 +22,7 @@ def get_config():
     config.learning_rate = sgd.learning_rate
     config.augment = sgd.augment
     config.eval_batch_size = 360
-    config.eval_every = 66            # 10 evaluations
-    config.log_every = 22
-    config.checkpoint_every = 220
+    config.eval_every_iterations = 66  # 10 evaluations
+    config.log_every_iterations = 22
+    config.checkpoint_every_iterations = 220
     return config

@@ -10,5 +10,5 @@ def get_config():
     config.dataset = 'svhn'
     config.full_data_epochs = 100     # 73,257 // 128 = 572 iterations an epoch: 57,200 iterations
     config.augment = 'none'
-    config.eval_every = 572           # once per full-data epoch: 100 evaluations
+    config.eval_every_iterations = 572           # once per full-data epoch: 100 evaluations
     return config

@@ -18,5 +18,5 @@ def get_config():
     config.student.arch = 'WRN-16-1'
     config.num_iterations = 50_000
     # N / 100, and it stays so when --config.num_iterations is overridden (a FieldReference).
-    config.eval_every = config.get_ref('num_iterations') // 100
+    config.eval_every_iterations = config.get_ref('num_iterations') // 100
     return config

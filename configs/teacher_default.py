@@ -1,6 +1,8 @@
 """Teacher training from scratch, the paper's recipe (REFERENCE.md, "Teachers")."""
 import ml_collections
 
+from configs import runtime
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -21,13 +23,6 @@ def get_config():
     config.lr_milestones = (0.3, 0.6, 0.8)  # fractions of the run where lr is multiplied by lr_decay
     config.lr_decay = 0.2
     config.augment = 'none'           # none | crop | crop_flip (CIFAR: crop_flip)
-    config.eval_batch_size = 500
-    config.log_every = 1              # epochs between progress lines
-    config.checkpoint_every = 1       # epochs between checkpoints (also at a SIGTERM/Ctrl-C stop)
-    config.keep_checkpoints = 2
-    config.stop_after_steps = 0       # >0: checkpoint and stop after this many steps of a run
-    config.resume_fallback = False    # if the latest checkpoint is unreadable, use the previous one
-    config.compute_dtype = 'float32'
-    config.weight_grad_chunk = 0      # >0: conv kernel gradients summed over slices of this many
-                                      # examples (8: ~1.25x faster on XLA:CPU; see the README)
+    runtime.add(config, unit='epochs', log_every=1, checkpoint_every=1, keep_checkpoints=2,
+                stop_unit='steps')
     return config

@@ -11,6 +11,6 @@ def get_config():
     config.batch_size = 64
     config.learning_rate = 0.05
     config.augment = 'crop'           # no flips: digits are not mirror-symmetric
-    config.log_every = 5
-    config.checkpoint_every = 5
+    config.log_every_epochs = 5
+    config.checkpoint_every_epochs = 5
     return config

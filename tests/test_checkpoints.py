@@ -32,8 +32,8 @@ def tiny_zero_shot_config(data_dir, teacher):
 TINY = ['--config.dataset=digits', '--config.teacher.arch=WRN-10-1', '--config.teacher.base_width=4',
         "--config.teacher.recipe=", '--config.student.arch=WRN-10-1',
         '--config.student.base_width=4', '--config.generator.hidden=8', '--config.batch_size=16',
-        '--config.n_s=2', '--config.eval_every=2', '--config.log_every=1',
-        '--config.checkpoint_every=2',
+        '--config.n_s=2', '--config.eval_every_iterations=2', '--config.log_every_iterations=1',
+        '--config.checkpoint_every_iterations=2',
         *(f'--config.{field}={value}' for field, value in DEFAULT_STABILISERS.items())]
 
 
@@ -121,7 +121,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_matches(tmp_path, straight_run, dig
                                                      tiny_teacher):
     workdir = str(tmp_path / 'preempted')
     process = run_py(workdir, digits_data_dir, tiny_teacher, '--config.num_iterations=4',
-                     '--config.log_every=1', wait=False)
+                     '--config.log_every_iterations=1', wait=False)
     lines = []
     for line in process.stdout:  # wait until training is under way
         lines.append(line)

@@ -133,9 +133,9 @@ def setup(tmp_path_factory):
     config.full_data_epochs = 1
     config.batch_size = 16               # 1437 // 16 = 89 iterations a full-data epoch ...
     config.scale_iterations = 4 / 89     # ... scaled to 4
-    config.eval_every = 2
-    config.log_every = 2
-    config.checkpoint_every = 2
+    config.eval_every_iterations = 2
+    config.log_every_iterations = 2
+    config.checkpoint_every_iterations = 2
     return root, config
 
 

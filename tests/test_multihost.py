@@ -222,8 +222,7 @@ def worker(out_dir: str, config_path: str, workdir: str):
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                                          sharding=parallel.replicated(mesh)),
                           metadata)
-    step, state, meta = checkpoints.restore_latest(run_checkpoints, target, config.to_dict(),
-                                                   zero_shot.RESUME_FIELDS)
+    step, state, meta = checkpoints.restore_latest(run_checkpoints, target, config.to_dict())
     run_checkpoints.close()
     result['restored_step'], result['restored_iteration'] = step, meta['iteration']
     result['restored_replicated'] = all(leaf.sharding.is_fully_replicated and

@@ -56,12 +56,12 @@ def test_zero_shot_config_is_the_papers(name):
     dataset, iterations = ZERO_SHOT[name]
     config = parse(f'{name}.py')
     assert config.job == 'zero_shot' and config.dataset == dataset
-    assert config.num_iterations == iterations and config.eval_every == iterations // 100
+    assert config.num_iterations == iterations and config.eval_every_iterations == iterations // 100
     assert (config.teacher.arch, config.student.arch) == ('WRN-40-2', 'WRN-16-1')
     # Everything else is default.py's, i.e. the paper's hyperparameters.
     changed = {k for k, v in flatten(config.to_dict()).items()
                if flatten(default.get_config().to_dict())[k] != v}
-    assert changed <= {'dataset', 'num_iterations', 'eval_every'}, changed
+    assert changed <= {'dataset', 'num_iterations', 'eval_every_iterations'}, changed
     assert (config.batch_size, config.n_g, config.n_s, config.beta, config.grad_clip) == \
         (128, 1, 10, 250.0, 5.0)
     assert (config.student_lr, config.generator_lr) == (2e-3, 1e-3)
@@ -82,8 +82,8 @@ def flatten(tree, prefix=''):
 
 
 def test_eval_every_follows_overridden_iterations():
-    assert parse('cifar10.py', '--config.num_iterations=1000').eval_every == 10
-    assert parse('svhn.py', '--config.num_iterations=1000', '--config.eval_every=7').eval_every == 7
+    assert parse('cifar10.py', '--config.num_iterations=1000').eval_every_iterations == 10
+    assert parse('svhn.py', '--config.num_iterations=1000', '--config.eval_every_iterations=7').eval_every_iterations == 7
 
 
 @pytest.mark.parametrize('name', ['svhn', 'cifar10'])
@@ -211,3 +211,31 @@ def test_seeds_refuses_results_of_another_run(seeds_module, tmp_path):
     with pytest.raises(ValueError, match="student.arch: 'WRN-16-1' there, 'WRN-16-2' now"):
         seeds_module.run_seeds(parse('svhn.py', '--config.student.arch=WRN-16-2'), str(tmp_path),
                                [0], None, log=lambda _: 0)
+
+
+@pytest.mark.parametrize('get_config,unit', [
+    (default.get_config, 'iterations'), (teacher_default.get_config, 'epochs'),
+    (lambda: launch.load_config_file(os.path.join(launch.PROJECT_ROOT, 'configs',
+                                                  'few_shot_default.py')), 'iterations')])
+def test_runtime_fields_are_the_shared_ones_with_their_unit(get_config, unit):
+    """Cadence, checkpoints and precision come from configs/runtime.py in every training job,
+    the cadence named with the job's unit; none of them must match on resume, everything else
+    (a field added tomorrow included) must."""
+    from configs import runtime
+    from zskt_jax import checkpoints
+    import ml_collections
+    config = get_config()
+    shared = runtime.add(ml_collections.ConfigDict(), unit=unit, log_every=1, checkpoint_every=1,
+                         keep_checkpoints=1, eval_every=None if unit == 'epochs' else 1,
+                         stop_unit='steps' if unit == 'epochs' else '')
+    assert set(shared) <= set(config), set(shared) - set(config)
+    assert not {'log_every', 'eval_every', 'checkpoint_every'} & set(config)
+    checked = checkpoints.resume_fields(config.to_dict())
+    assert not set(shared) - {'compute_dtype'} & set(checked)
+    assert 'compute_dtype' in checked and 'seed' in checked and 'teacher.arch' in checked
+    assert 'teacher.checkpoint' not in checked and 'data_dir' not in checked
+    saved = json.loads(json.dumps(config.to_dict()))  # as a checkpoint records it
+    config.some_new_field = 1
+    changed = checkpoints.compare_configs(saved, config.to_dict(),
+                                          checkpoints.resume_fields(config.to_dict()))
+    assert changed == ["some_new_field: checkpoint '<absent>', now 1"]

@@ -17,7 +17,7 @@ def tiny_teacher_config(data_dir):
     config.teacher.base_width = 4
     config.epochs = 2
     config.batch_size = 256
-    config.log_every = 1
+    config.log_every_epochs = 1
     return config
 
 

@@ -32,9 +32,9 @@ def tiny_zero_shot_config(data_dir: str, teacher_path: str, **overrides):
     config.batch_size = 16
     config.num_iterations = 3
     config.n_s = 2
-    config.eval_every = 2
-    config.log_every = 1
-    config.checkpoint_every = 2
+    config.eval_every_iterations = 2
+    config.log_every_iterations = 1
+    config.checkpoint_every_iterations = 2
     for name, value in overrides.items():
         config[name] = value
     return config

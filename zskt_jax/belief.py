@@ -342,7 +342,7 @@ def _reference_network(config, run_config, meta):
     """The teacher of the student's run (its recorded path, or config.teacher_checkpoint),
     loaded and checked with common.load_teacher_for; returns (model, variables, teacher_meta)."""
     teacher_config = ml_collections.ConfigDict(run_config.to_dict())
-    teacher_config.compute_dtype = config.get('compute_dtype', 'float32')
+    teacher_config.compute_dtype = config.compute_dtype
     recorded = meta.get('teacher_path') or ''
     teacher_config.teacher.checkpoint = config.teacher_checkpoint or recorded or \
         run_config.teacher.get('checkpoint', '')
@@ -374,7 +374,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     mesh = parallel.make_mesh()
 
     model_a, variables_a, run_config, meta = load_student(
-        config.student_workdir, mesh, config.get('student_step', -1), dtype_config=config)
+        config.student_workdir, mesh, config.student_step, dtype_config=config)
     model_b, variables_b, teacher_meta, teacher_path = _reference_network(config, run_config, meta)
     variables_b = parallel.replicate(variables_b, mesh)
     dataset = run_config.dataset
@@ -400,10 +400,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                 config.step_size)
 
     attack_fn = make_attack_fn(model_a, model_b, dataset, config.num_steps, config.step_size, mesh,
-                               config.get('attack_loop', 'auto'))
+                               config.attack_loop)
     curves_a, curves_b = transition_curves(attack_fn, variables_a, variables_b, images[indices],
                                            targets, config.batch_size, mesh,
-                                           log_every=config.get('log_every', 10))
+                                           log_every=config.log_every_chunks)
     mte_steps = min(config.mte_steps, config.num_steps)
     mte = mean_transition_error(curves_a, curves_b, mte_steps)
     logger.info('MTE (first %d steps) = %.4f', mte_steps, mte)

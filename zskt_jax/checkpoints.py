@@ -5,10 +5,11 @@ A teacher directory holds ``variables/`` (an Orbax checkpoint of {'params', 'bat
 ``{workdir}/checkpoints/{iteration}/`` with the train states and a JSON record of what produced
 them; the teacher is never copied into them.
 """
+import fnmatch
 import hashlib
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -135,6 +136,28 @@ class RunCheckpoints:
         self.manager.close()
 
 
+# Config fields that may differ between a checkpoint and the run resuming from it (patterns of
+# dotted names: cadence, where things are, how the same numbers are computed); every other
+# field must be equal, so that a field added to a config is checked without being listed.
+MAY_CHANGE_ON_RESUME = ('data_dir', 'eval_batch_size', 'log_every_*', 'eval_every_*',
+                        'checkpoint_every_*', 'keep_checkpoints', 'resume_fallback',
+                        'stop_after_*', 'update_loop', 'weight_grad_chunk',
+                        'teacher.checkpoint',  # the teacher itself is compared by checksum
+                        'teacher.recipe')
+
+
+def resume_fields(config_dict: Dict[str, Any], may_change=MAY_CHANGE_ON_RESUME) -> Tuple[str, ...]:
+    """The dotted fields of a config (as a dict) that a checkpoint's config must equal."""
+    def dotted(d, prefix=''):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from dotted(value, f'{prefix}{key}.')
+            else:
+                yield prefix + key
+    return tuple(f for f in dotted(config_dict)
+                 if not any(fnmatch.fnmatchcase(f, pattern) for pattern in may_change))
+
+
 def compare_configs(saved: Dict[str, Any], current: Dict[str, Any], fields,
                     defaults: Optional[Dict[str, Any]] = None) -> list:
     """The dotted fields whose values differ between a checkpoint's config and this run's.
@@ -159,10 +182,12 @@ class CheckpointCorruptedError(UserError, RuntimeError):
 
 
 def restore_latest(run_checkpoints: RunCheckpoints, target: Dict[str, Any], config_dict,
-                   fields, *, fallback: bool = False, validate_meta=None, defaults=None):
+                   *, fallback: bool = False, validate_meta=None, defaults=None):
     """Restore the newest checkpoint of a run, refusing any that another configuration wrote.
 
-    Returns (step, state, meta), or (None, None, None) for a fresh run. A checkpoint that cannot
+    Every field of ``config_dict`` but those of MAY_CHANGE_ON_RESUME must equal the checkpoint's
+    (``defaults``: see compare_configs). Returns (step, state, meta), or (None, None, None) for
+    a fresh run. A checkpoint that cannot
     be read is reported; with ``fallback`` the newest intact earlier one is used instead and the
     unreadable one is moved aside (renamed, never deleted) so that the run can save past it.
     """
@@ -175,7 +200,8 @@ def restore_latest(run_checkpoints: RunCheckpoints, target: Dict[str, Any], conf
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is reported
             meta, failure = None, error
         if meta is not None:
-            differences = compare_configs(meta.get('config', {}), config_dict, fields, defaults)
+            differences = compare_configs(meta.get('config', {}), config_dict,
+                                          resume_fields(config_dict), defaults)
             if differences:
                 raise CheckpointMismatchError(
                     f'The checkpoint at {run_checkpoints.directory}/{step} was written by another '

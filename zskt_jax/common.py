@@ -19,7 +19,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def compute_dtype(config):
-    name = config.get('compute_dtype', 'float32')
+    name = config.compute_dtype
     if name not in DTYPES:
         raise ConfigError(f'config.compute_dtype = {name!r}; choose one of {sorted(DTYPES)}')
     return DTYPES[name]
@@ -28,7 +28,7 @@ def compute_dtype(config):
 def weight_grad_chunk(config) -> int:
     """config.weight_grad_chunk: examples per slice of each conv kernel gradient
     (``models.layers.chunked_weight_grad_conv``); 0 = the whole batch at once (the default)."""
-    chunk = config.get('weight_grad_chunk', 0)
+    chunk = config.get('weight_grad_chunk', 0)  # belief's configs have none: no weight gradients
     if chunk < 0:
         raise ConfigError(f'config.weight_grad_chunk = {chunk}; use 0 (off) or a positive '
                          'number of examples per slice (8 is fastest on XLA:CPU)')

@@ -30,12 +30,6 @@ from zskt_jax.teacher import augment, step_learning_rate
 
 logger = reporting.logger
 
-# Fields that must agree between a checkpoint and the run resuming from it.
-RESUME_FIELDS = ('dataset', 'teacher.arch', 'teacher.base_width', 'student.arch',
-                 'student.base_width', 'images_per_class', 'full_data_epochs', 'scale_iterations',
-                 'batch_size', 'learning_rate', 'momentum', 'nesterov', 'weight_decay',
-                 'lr_milestones', 'lr_decay', 'augment', 'alpha', 'temperature', 'beta', 'seed',
-                 'init_student_from', 'compute_dtype')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,11 +210,11 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                 config.batch_size, total_iterations * config.batch_size / len(subset))
 
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
-    tx = sgd(config.momentum, config.weight_decay, config.get('nesterov', False))
+    tx = sgd(config.momentum, config.weight_decay, config.nesterov)
     state = create_state(student_model, init_key, jnp.zeros((2,) + info.image_shape), tx)
     state = parallel.replicate(state, mesh)
     teacher_path = os.path.abspath(common.teacher_dir(config))
-    run = loop.RunDir(workdir, config, RESUME_FIELDS,
+    run = loop.RunDir(workdir, config,
                       validate_meta=checkpoints.same_teacher_as(teacher_meta, teacher_path))
     start, state, init_meta = _restore_or_initialise(config, state, mesh, run)
     run.record = {'teacher_path': teacher_path, 'teacher_checksum': teacher_meta['checksum'],
@@ -250,10 +244,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     end = loop.train_loop(
         step, state, start, total_iterations,
-        loop.Cadence(config.log_every, config.eval_every, config.checkpoint_every,
-                     config.get('stop_after_iterations', 0)),
+        loop.Cadence.of(config),
         run=run, state_dict=lambda state: {'student': state.state_dict()},
-        read_metrics=lambda m: {k: float(v) for k, v in jax.device_get(m).items()},
+        read_metrics=loop.read_scalars,
         log=log, evaluate=evaluate, progress=progress)
     if end.stopped_at is not None:
         return run.stopped('few_shot', end.stopped_at)

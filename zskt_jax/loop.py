@@ -7,7 +7,7 @@ Each job keeps what is its own: its states, its compiled step, its evaluation, i
 """
 import logging
 import os
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +23,12 @@ logger = logging.getLogger('zskt_jax')
 class RunDir:
     """A job's workdir: ``checkpoints/``, ``tensorboard/``, ``results.json``.
 
-    ``record`` holds the job's own fields of every checkpoint's record (teacher path and
+    A checkpoint resumes only into a run of the same configuration (every field but those
+    listed in checkpoints.MAY_CHANGE_ON_RESUME). ``record`` holds the job's own fields of every checkpoint's record (teacher path and
     checksum, ...); the config, the step, the history and the wall time are added here.
     """
 
-    def __init__(self, workdir: str, config, resume_fields: Sequence[str], *,
-                 validate_meta: Optional[Callable] = None, defaults: Optional[Dict] = None,
+    def __init__(self, workdir: str, config, *, validate_meta: Optional[Callable] = None, defaults: Optional[Dict] = None,
                  unit: str = 'iteration'):
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
@@ -40,9 +40,8 @@ class RunDir:
         self.record = {}
         self.checkpoints = checkpoints.RunCheckpoints(os.path.join(workdir, 'checkpoints'),
                                                       config.keep_checkpoints)
-        self._restore_options = dict(fallback=config.get('resume_fallback', False),
+        self._restore_options = dict(fallback=config.resume_fallback,
                                      validate_meta=validate_meta, defaults=defaults)
-        self._resume_fields = resume_fields
         self.writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'),
                                              active=self.is_main)
 
@@ -50,8 +49,7 @@ class RunDir:
         """(start step, saved states or None, the checkpoint's record) of the latest checkpoint
         of another run of this configuration; the history and the clock continue from it."""
         step, saved, meta = checkpoints.restore_latest(
-            self.checkpoints, target, self.config_dict, self._resume_fields,
-            **self._restore_options)
+            self.checkpoints, target, self.config_dict, **self._restore_options)
         if saved is None:
             return 0, None, {}
         self.history = meta.get('history', [])
@@ -91,6 +89,12 @@ class Cadence(NamedTuple):
     checkpoint_every: int
     stop_after: int = 0
 
+    @classmethod
+    def of(cls, config, unit: str = 'iterations') -> 'Cadence':
+        """The cadence fields of a config counted in ``unit`` (configs/runtime.py)."""
+        return cls(config[f'log_every_{unit}'], config[f'eval_every_{unit}'],
+                   config[f'checkpoint_every_{unit}'], config[f'stop_after_{unit}'])
+
 
 class LoopEnd(NamedTuple):
     state: Any
@@ -101,6 +105,11 @@ class LoopEnd(NamedTuple):
 def copy_tree(tree):
     """A copy on the same devices (the states handed to a donating step are consumed)."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def read_scalars(device_metrics) -> Dict[str, float]:
+    """The host-side floats of a dict of device scalars (a ``read_metrics`` for train_loop)."""
+    return {k: float(v) for k, v in jax.device_get(device_metrics).items()}
 
 
 def is_finite(metrics: Dict[str, float]) -> bool:

@@ -18,12 +18,6 @@ from zskt_jax.state import create_state, sgd
 
 logger = reporting.logger
 
-# Fields that must agree between a teacher checkpoint and the run resuming from it.
-TEACHER_RESUME_FIELDS = ('dataset', 'teacher.arch', 'teacher.base_width', 'epochs', 'batch_size',
-                         'learning_rate', 'momentum', 'nesterov', 'weight_decay', 'lr_milestones',
-                         'lr_decay', 'seed', 'augment', 'compute_dtype')
-
-
 def step_learning_rate(base_lr: float, epoch, total_epochs: int, milestones, decay: float):
     """lr = base * decay^(number of milestones passed); milestones are fractions of the run."""
     passed = sum((epoch >= int(round(m * total_epochs))).astype(jnp.int32) for m in milestones)
@@ -93,13 +87,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                           f'{len(train_labels)} training examples of {config.dataset}')
     model = common.build_network(config.teacher, info.num_classes, config)
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
-    tx = sgd(config.momentum, config.weight_decay, config.get('nesterov', False))
+    tx = sgd(config.momentum, config.weight_decay, config.nesterov)
     state = create_state(model, init_key, jnp.zeros((2,) + info.image_shape), tx)
     state = parallel.replicate(state, mesh)
 
     # Checkpoints are labelled by optimizer step, so a stop mid-epoch resumes exactly: the
     # epoch's permutation and augmentation keys are functions of (seed, epoch, step).
-    run = loop.RunDir(workdir, config, TEACHER_RESUME_FIELDS, unit='step')
+    run = loop.RunDir(workdir, config, unit='step')
     start, saved, _ = run.restore(state.state_dict())
     state = state if saved is None else state.replace_from(saved)
 
@@ -121,15 +115,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     def log(done, metrics):  # at the end of every epoch
         epoch = done // steps_per_epoch
         run.writer.scalars(epoch, {f'train/{k}': v for k, v in metrics.items()})
-        if epoch % config.log_every == 0 or done == total_steps:
+        if epoch % config.log_every_epochs == 0 or done == total_steps:
             logger.info(progress.line(done, metrics))
 
     end = loop.train_loop(
         step, state, start, total_steps,
-        loop.Cadence(steps_per_epoch, 0, config.checkpoint_every * steps_per_epoch,
-                     config.get('stop_after_steps', 0)),
+        loop.Cadence(steps_per_epoch, 0, config.checkpoint_every_epochs * steps_per_epoch,
+                     config.stop_after_steps),
         run=run, state_dict=lambda state: state.state_dict(),
-        read_metrics=lambda m: {k: float(v) for k, v in jax.device_get(m).items()},
+        read_metrics=loop.read_scalars,
         log=log, evaluate=lambda done, state: None, progress=progress)
     if end.stopped_at is not None:
         return run.stopped('teacher', end.stopped_at)
@@ -140,7 +134,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     run.writer.scalars(config.epochs, {'eval/teacher_accuracy': accuracy})
     logger.info('Teacher %s test accuracy on %s: %.2f%%', config.teacher.arch, config.dataset,
                 100 * accuracy)
-    teacher_path = config.teacher.get('checkpoint', '') or os.path.join(workdir, 'teacher')
+    teacher_path = config.teacher.checkpoint or os.path.join(workdir, 'teacher')
     checkpoints.save_teacher(teacher_path, variables, {
         'arch': config.teacher.arch, 'base_width': config.teacher.base_width,
         'num_classes': info.num_classes, 'image_shape': list(info.image_shape),

@@ -113,7 +113,7 @@ def repeat(update: Callable, carry, length: int, unroll: bool):
 
 def use_unrolled_loops(config) -> bool:
     """config.update_loop: 'scan' | 'unroll' | 'auto' (unroll on CPU, where scans are slow)."""
-    mode = config.get('update_loop', 'auto')
+    mode = config.update_loop
     if mode not in ('auto', 'scan', 'unroll'):
         raise ConfigError(f"config.update_loop = {mode!r}; choose 'auto', 'scan' or 'unroll'")
     return mode == 'unroll' or (mode == 'auto' and jax.default_backend() == 'cpu')
@@ -357,19 +357,13 @@ def make_iteration_fn(models: Models, config, mesh, donate: bool = False) -> Cal
 # ----------------------------------------------------------------------------------------------
 # The job: python run.py --config=configs/svhn.py --workdir=...
 
-# Fields that must agree between a checkpoint and the run resuming from it.
-RESUME_FIELDS = ('dataset', 'teacher.arch', 'teacher.base_width', 'student.arch',
-                 'student.base_width', 'generator.z_dim', 'generator.hidden', 'num_iterations',
-                 'batch_size', 'n_g', 'n_s', 'generator_lr', 'student_lr', 'adam_b1', 'adam_b2',
-                 'adam_eps', 'grad_clip', 'beta', 'seed', 'compute_dtype', 'num_seeds',
-                 *Stabilisers._fields)
 # A checkpoint written before the stabilisers existed ran the paper's loop: it resumes into a
 # run whose stabilisers are all off.
 RESUME_DEFAULTS = Stabilisers()._asdict()
 
 
 def num_seeds(config) -> int:
-    k = config.get('num_seeds', 1)
+    k = config.num_seeds
     if k < 1:
         raise ConfigError(f'config.num_seeds = {k}; it must be at least 1')
     return k
@@ -479,7 +473,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                     teacher=common.build_network(config.teacher, info.num_classes, config))
     state, z_key = create_states(config, models, mesh)
     teacher_path = os.path.abspath(common.teacher_dir(config))
-    run = loop.RunDir(workdir, config, RESUME_FIELDS, defaults=RESUME_DEFAULTS,
+    run = loop.RunDir(workdir, config, defaults=RESUME_DEFAULTS,
                       validate_meta=checkpoints.same_teacher_as(teacher_meta, teacher_path))
     run.record = {'teacher_path': teacher_path, 'teacher_checksum': teacher_meta['checksum']}
     start, saved, _ = run.restore(state.state_dict())
@@ -505,9 +499,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     end = loop.train_loop(
         lambda state, i: iteration_fn(state, teacher_variables, z_key), state, start,
-        config.num_iterations, loop.Cadence(config.log_every, config.eval_every,
-                                            config.checkpoint_every,
-                                            config.get('stop_after_iterations', 0)),
+        config.num_iterations, loop.Cadence.of(config),
         run=run, state_dict=lambda state: state.state_dict(), read_metrics=_read_metrics,
         log=log, evaluate=evaluate, progress=progress,
         non_finite_hint='lower the learning rates or check the teacher')
