@@ -141,7 +141,7 @@ def train_loop(step_fn: Callable, state, start: int, total: int, cadence: Cadenc
             if i == start:
                 jax.block_until_ready(device_metrics)
                 progress.restart(done)  # compiled and run once: rates from here on
-            stop = preemption.requested() or bool(
+            stop = preemption.requested(done) or bool(
                 cadence.stop_after and done - start >= cadence.stop_after)
             last = done == total
             log_now = last or done % cadence.log_every == 0
