@@ -47,3 +47,21 @@ def write_teacher(path: str, arch='WRN-10-1', base_width=4, num_classes=10, seed
 @pytest.fixture(scope='session')
 def tiny_teacher(tmp_path_factory):
     return write_teacher(str(tmp_path_factory.mktemp('teacher') / 'teacher'))
+
+
+def read_events(logdir: str):
+    """{tag: [(step, value), ...]} of the TensorBoard event files in ``logdir`` (any path
+    tf.io.gfile opens, gs:// included), read as TensorBoard reads them: scalars as floats,
+    images as their encoded strings."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.util import tensor_util
+    events = {}
+    for path in sorted(tf.io.gfile.glob(f'{logdir}/events.out.tfevents.*')):
+        for event in event_file_loader.EventFileLoader(path).Load():
+            for value in event.summary.value:
+                array = tensor_util.make_ndarray(value.tensor)
+                events.setdefault(value.tag, []).append(
+                    (event.step, float(array) if array.ndim == 0 else list(array)))
+    return events

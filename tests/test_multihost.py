@@ -2,8 +2,9 @@
 
 Each process is a child started with ``--xla_force_host_platform_device_count=4`` that joins the
 other through ``jax.distributed.initialize`` on localhost (CPU collectives over gloo). A tiny
-digits distillation runs through ``run.py`` (both processes save its Orbax checkpoints) and must
-end where the same run on one 8-device process ends. A lighter worker (this file as a script,
+digits distillation runs through ``run.py`` from nothing (its teacher recipe first: process 0
+writes the teacher, the other waits for it; both save the Orbax checkpoints) and must end where
+the same run on one 8-device process ends. A SIGTERM to one process stops both at one iteration. A lighter worker (this file as a script,
 two processes again, no TensorFlow) restores that run's checkpoint as a resumed run does, and
 checks the host-sharded evaluation over shares of unequal size and the feeding of host-local
 batches. Stuck children are killed with SIGKILL: the distributed runtime catches SIGTERM.
@@ -12,6 +13,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,9 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args, num_processes: int, devices_per_process: int, log_prefix: str):
+def launch(args, num_processes: int, devices_per_process: int, log_prefix: str,
+           sigterm_when=None):
     """Start ``num_processes`` children (with the distributed flags when more than one), wait
-    for all, SIGKILL them all if any fails or the time runs out; returns their outputs."""
+    for all, SIGKILL them all if any fails or the time runs out; returns their outputs.
+
+    ``sigterm_when=(text, i)``: send SIGTERM to process i once process 0's output shows text."""
     port = free_port()
     # Each process compiles (sharing the persistent cache). JAX_SHARE_BINARY_BETWEEN_HOSTS
     # (process 0 compiles for both) made the first cross-process collective fail on CPU here.
@@ -51,6 +56,9 @@ def launch(args, num_processes: int, devices_per_process: int, log_prefix: str):
     deadline = time.time() + TIMEOUT_S
     try:
         while any(p.poll() is None for p in procs):
+            if sigterm_when and sigterm_when[0] in open(logs[0].name).read():
+                procs[sigterm_when[1]].send_signal(signal.SIGTERM)
+                sigterm_when = None
             # A process that failed then waits for the others at the distributed runtime's
             # shutdown barrier (minutes): stop all as soon as one fails.
             if (time.time() > deadline or any(p.poll() not in (None, 0) for p in procs)
@@ -115,14 +123,48 @@ def runs(tmp_path_factory, digits_data_dir, tiny_teacher):
     # Adam's eps of 1e-8 turns float32 rounding noise in near-zero gradients into large parts of
     # a step (tests/test_parallel.py, test_three_iterations_on_8_devices_equal_1_device), and
     # gloo sums in another order than one process does; with 1e-3 the runs agree to ~1e-6.
+    # From nothing: no teacher yet, a recipe that trains one for an epoch (22 steps of 64).
+    recipe = root / 'tiny_teacher_recipe.py'
+    recipe.write_text(TEACHER_RECIPE.format(root=ROOT))
     config_path = write_config_file(root / 'tiny.py', digits_data_dir, tiny_teacher,
-                                    adam_eps=1e-3)
-    run_py = [os.path.join(ROOT, 'run.py'), f'--config={config_path}']
+                                    adam_eps=1e-3, **{'teacher.recipe': str(recipe)})
+    # The 2-process run goes first and trains the teacher; the 1-process run distils the same
+    # teacher (its own, trained in another summation order, would differ by ~1e-4 after 22
+    # SGD steps, and so would everything after it).
+    teacher = str(root / 'teacher' / 'teacher')
+    run_py = [os.path.join(ROOT, 'run.py'), f'--config={config_path}',
+              f'--config.teacher.checkpoint={teacher}']
     single, double = str(root / 'single'), str(root / 'double')
-    launch([*run_py, f'--workdir={single}'], 1, 8, str(root / 'single'))
     procs, outputs = launch([*run_py, f'--workdir={double}'], 2, 4, str(root / 'double'))
+    _, single_outputs = launch([*run_py, f'--workdir={single}'], 1, 8, str(root / 'single'))
     return {'single': single, 'double': double, 'config': str(config_path), 'outputs': outputs,
-            'pids': [p.pid for p in procs]}
+            'pids': [p.pid for p in procs], 'teacher': teacher, 'single_outputs': single_outputs}
+
+
+TEACHER_RECIPE = '''import sys
+sys.path.insert(0, {root!r})
+from configs import teacher_digits
+
+
+def get_config():
+    config = teacher_digits.get_config()  # dataset and networks: the distillation's (launch.py)
+    config.epochs = 1
+    return config
+'''
+
+
+def test_the_teacher_recipe_runs_first_and_is_written_once(runs):
+    """From nothing on 2 processes: the recipe trains the teacher (one program over both
+    processes' 8 devices), process 0 reports it and writes its record, both read it back and
+    distil it; the 1-process run then finds it and trains none."""
+    assert 'No teacher at' in runs['outputs'][0] and 'Teacher written to' in runs['outputs'][0]
+    assert 'No teacher at' not in runs['outputs'][1]
+    assert 'No teacher at' not in runs['single_outputs'][0]
+    teacher = json.loads(open(os.path.join(runs['teacher'], 'teacher.json')).read())
+    assert teacher['arch'] == 'WRN-10-1' and teacher['source'] == 'trained'
+    results = json.loads(open(os.path.join(runs['double'], 'results.json')).read())
+    assert results['teacher_accuracy'] == teacher['test_accuracy']
+    assert results['teacher_path'] == runs['teacher']
 
 
 def test_two_processes_end_where_one_8_device_process_ends(runs):
@@ -148,7 +190,9 @@ def test_resume_on_one_device_from_an_8_device_checkpoint(runs, tmp_path):
     shutil.copytree(os.path.join(runs['single'], 'checkpoints'), workdir / 'checkpoints')
     shutil.rmtree(workdir / 'checkpoints' / '3')  # as if stopped after iteration 2
     _, outputs = launch([os.path.join(ROOT, 'run.py'), f'--config={runs["config"]}',
-                         f'--workdir={workdir}'], 1, 1, str(tmp_path / 'resumed'))
+                         f'--workdir={workdir}',
+                         f"--config.teacher.checkpoint={runs['teacher']}"],
+                        1, 1, str(tmp_path / 'resumed'))
     assert 'Resumed from' in outputs[0] and '[3/3]' in outputs[0], outputs[0][-3000:]
     single = json.loads(open(os.path.join(runs['single'], 'results.json')).read())
     resumed = json.loads((workdir / 'results.json').read_text())
@@ -164,6 +208,23 @@ def test_resume_on_one_device_from_an_8_device_checkpoint(runs, tmp_path):
     assert_final_states_close(runs['single'], str(workdir))
 
 
+def test_sigterm_to_one_process_stops_both_at_the_same_iteration(runs, tmp_path):
+    """JAX's preemption service: process 1 alone gets SIGTERM; both processes stop after the
+    same iteration (the one they agree on), checkpoint it together and exit cleanly."""
+    workdir = tmp_path / 'preempted'
+    _, outputs = launch([os.path.join(ROOT, 'run.py'), f'--config={runs["config"]}',
+                         f'--workdir={workdir}',
+                         f"--config.teacher.checkpoint={runs['teacher']}",
+                         '--config.num_iterations=100000', '--config.log_every_iterations=1',
+                         '--config.eval_every_iterations=0',
+                         '--config.checkpoint_every_iterations=100000'],
+                        2, 4, str(tmp_path / 'preempted'), sigterm_when=('[3/100000]', 1))
+    saved = sorted(os.listdir(workdir / 'checkpoints'))
+    assert len(saved) == 1 and int(saved[0]) >= 3, saved
+    assert f'Stopped after iteration {saved[0]}' in outputs[0], outputs[0][-2000:]
+    assert 'results.json' not in os.listdir(workdir)
+
+
 def test_only_process_0_writes_and_logs(runs):
     out = runs['outputs']
     assert 'it/s' in out[0] and 'student test accuracy' in out[0]
@@ -173,9 +234,9 @@ def test_only_process_0_writes_and_logs(runs):
     double = runs['double']
     assert sorted(os.listdir(double)) == ['checkpoints', 'results.json', 'tensorboard']
     assert sorted(os.listdir(os.path.join(double, 'checkpoints'))) == ['2', '3']
-    # One events file, written by process 0 (the file name ends in the writer's pid).
+    # One events file, written by process 0 (the file name holds the writer's pid).
     events = glob.glob(os.path.join(double, 'tensorboard', 'events.out.tfevents.*'))
-    assert len(events) == 1 and int(events[0].split('.')[-2]) == runs['pids'][0], events
+    assert len(events) == 1 and f".{runs['pids'][0]}." in os.path.basename(events[0]), events
 
 
 # ---------------------------------------------------------------------------------------------

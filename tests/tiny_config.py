@@ -35,8 +35,12 @@ def tiny_zero_shot_config(data_dir: str, teacher_path: str, **overrides):
     config.eval_every_iterations = 2
     config.log_every_iterations = 1
     config.checkpoint_every_iterations = 2
-    for name, value in overrides.items():
-        config[name] = value
+    for name, value in overrides.items():  # 'section.field' names a field of a section
+        *sections, field = name.split('.')
+        node = config
+        for section in sections:
+            node = node[section]
+        node[field] = value
     return config
 
 

@@ -182,7 +182,7 @@ def _make_evaluate(config, student_model, mesh, run, eval_split, teacher_accurac
         elapsed = run.clock()  # time to accuracy
         run.history.append({'iteration': iteration, 'student_accuracy': accuracy,
                             'wall_time_s': elapsed})
-        run.writer.scalars(iteration, {'eval/student_accuracy': accuracy,
+        run.writer.write_scalars(iteration, {'eval/student_accuracy': accuracy,
                                        'eval/teacher_accuracy': teacher_accuracy,
                                        'eval/wall_time_s': elapsed})
         run.writer.flush()
@@ -240,7 +240,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     def log(done, metrics):
         logger.info(progress.line(done, {k: metrics[k] for k in (
             'loss', 'ce', 'kl', 'attention', 'train_accuracy', 'learning_rate')}))
-        run.writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
+        run.writer.write_scalars(done, {f'train/{k}': v for k, v in metrics.items()})
 
     end = loop.train_loop(
         step, state, start, total_iterations,

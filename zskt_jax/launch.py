@@ -70,15 +70,16 @@ def teacher_recipe_config(config):
 
 def train_teacher_if_missing(config):
     """The embedded default trains its own teacher first (``config.teacher.recipe``), for this
-    config's dataset and teacher network."""
+    config's dataset and teacher network. Returns the teacher job's results, or None."""
     from zskt_jax import common
     recipe = config.teacher.get('recipe', '')
     if not recipe or os.path.exists(os.path.join(common.teacher_dir(config), 'teacher.json')):
-        return
+        return None
     teacher_config = teacher_recipe_config(config)
     workdir = os.path.dirname(os.path.abspath(common.teacher_dir(config)))
-    logging.info('No teacher at %s: training one with %s first.', common.teacher_dir(config), recipe)
-    run_job(teacher_config, workdir)
+    logging.getLogger('zskt_jax').info('No teacher at %s: training one with %s first.',
+                                       common.teacher_dir(config), recipe)
+    return run_job(teacher_config, workdir)
 
 
 def running_on_tpu_vm() -> bool:
@@ -174,14 +175,17 @@ def _main(config, config_path, workdir, coordinator_address, num_processes, proc
                                            distributed))
     setup_logging()
     workdir = workdir or default_workdir(config, config_path)
+    results = None
     if config.job in ('zero_shot', 'few_shot'):
-        train_teacher_if_missing(config)
-    results = run_job(config, workdir)
+        results = train_teacher_if_missing(config)
+    if not (results and 'stopped_at' in results):  # a teacher stopped mid-way: rerun to go on
+        results = run_job(config, workdir)
     import jax
     if results and jax.process_index() == 0:
         summary = [f'{k}={100 * v:.2f}%' for k, v in results.items() if k.endswith('accuracy')]
         summary += [f'mte={results["mte"]:.4f}'] if 'mte' in results else []
-        print(' '.join(summary))
+        if summary:  # a stopped run has none; its log says where it stopped
+            print(' '.join(summary))
 
 
 def check_overrides(argv) -> None:

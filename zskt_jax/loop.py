@@ -42,8 +42,8 @@ class RunDir:
                                                       config.keep_checkpoints)
         self._restore_options = dict(fallback=config.resume_fallback,
                                      validate_meta=validate_meta, defaults=defaults)
-        self.writer = reporting.MetricWriter(os.path.join(workdir, 'tensorboard'),
-                                             active=self.is_main)
+        self.writer = reporting.metric_writer(os.path.join(workdir, 'tensorboard'),
+                                              active=self.is_main)
 
     def restore(self, target) -> Tuple[int, Any, Dict]:
         """(start step, saved states or None, the checkpoint's record) of the latest checkpoint

@@ -1,9 +1,8 @@
 """What a user watches: progress lines, TensorBoard events, image grids and results.json.
 
-TensorBoard events are written with the ``tensorboard`` package's own writer and protos, so
-reporting needs no TensorFlow. Only process 0 writes anything (``active=False`` elsewhere).
+TensorBoard events are written by clu's metric writers. Only process 0 writes anything
+(``active=False`` elsewhere).
 """
-import io
 import json
 import logging
 import math
@@ -16,48 +15,14 @@ import numpy as np
 logger = logging.getLogger('zskt_jax')
 
 
-class MetricWriter:
-    """Scalars and images into TensorBoard event files under ``logdir``."""
-
-    def __init__(self, logdir: str, active: bool = True):
-        self.active = active
-        self._writer = None
-        if active:
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
-            os.makedirs(logdir, exist_ok=True)
-            self._writer = EventFileWriter(logdir)
-
-    def _write(self, step: int, values):
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        self._writer.add_event(Event(wall_time=time.time(), step=int(step),
-                                     summary=Summary(value=values)))
-
-    def scalars(self, step: int, scalars: Dict[str, float]):
-        if not self.active:
-            return
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        self._write(step, [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()])
-
-    def image(self, step: int, tag: str, image: np.ndarray):
-        """image: uint8 [H, W, 3]."""
-        if not self.active:
-            return
-        from PIL import Image
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format='PNG')
-        encoded = Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3,
-                                encoded_image_string=buffer.getvalue())
-        self._write(step, [Summary.Value(tag=tag, image=encoded)])
-
-    def flush(self):
-        if self.active:
-            self._writer.flush()
-
-    def close(self):
-        if self.active:
-            self._writer.close()
+def metric_writer(logdir: str, active: bool = True):
+    """clu's TensorBoard writer for ``logdir`` (TensorFlow summaries, written through
+    tf.io.gfile: gs:// too), asynchronous so that the training loop does not wait for the event
+    file. ``active=False`` (every process but 0): a writer that writes nothing."""
+    from clu import metric_writers
+    if not active:
+        return metric_writers.MultiWriter([])
+    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
 
 
 def image_grid(images: np.ndarray, mean, std, columns: int = 8) -> np.ndarray:

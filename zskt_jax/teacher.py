@@ -114,7 +114,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     def log(done, metrics):  # at the end of every epoch
         epoch = done // steps_per_epoch
-        run.writer.scalars(epoch, {f'train/{k}': v for k, v in metrics.items()})
+        run.writer.write_scalars(epoch, {f'train/{k}': v for k, v in metrics.items()})
         if epoch % config.log_every_epochs == 0 or done == total_steps:
             logger.info(progress.line(done, metrics))
 
@@ -131,7 +131,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     variables = {'params': end.state.params, 'batch_stats': end.state.batch_stats}
     accuracy = common.Evaluator(model, config.dataset, test_images, test_labels,
                                 config.eval_batch_size, mesh)(variables)
-    run.writer.scalars(config.epochs, {'eval/teacher_accuracy': accuracy})
+    run.writer.write_scalars(config.epochs, {'eval/teacher_accuracy': accuracy})
     logger.info('Teacher %s test accuracy on %s: %.2f%%', config.teacher.arch, config.dataset,
                 100 * accuracy)
     teacher_path = config.teacher.checkpoint or os.path.join(workdir, 'teacher')

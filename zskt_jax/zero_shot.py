@@ -449,10 +449,10 @@ def make_evaluate(config, models: Models, mesh, run, eval_split, teacher_accurac
                 scalars.update({f'eval/student_accuracy_seed{s}': a,
                                 f'eval/classes_never_predicted_seed{s}': len(n)})
         run.history.append(entry)
-        run.writer.scalars(iteration, scalars)
-        run.writer.image(iteration, 'generated', reporting.image_grid(
+        run.writer.write_scalars(iteration, scalars)
+        run.writer.write_images(iteration, {'generated': reporting.image_grid(
             np.asarray(jax.device_get(draw_samples(seed_slice(state.generator, 0)))), info.mean,
-            info.std))
+            info.std)[None]})
         run.writer.flush()
         stalled = [('' if len(seeds) == 1 else f'seed {s} ') + 'never predicts class '
                    + ', '.join(map(str, n)) for s, n in zip(seeds, never) if n]
@@ -495,7 +495,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     def log(done, metrics):
         logger.info(progress.line(done, {k: metrics[k] for k in shown}))
-        run.writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()})
+        run.writer.write_scalars(done, {f'train/{k}': v for k, v in metrics.items()})
 
     end = loop.train_loop(
         lambda state, i: iteration_fn(state, teacher_variables, z_key), state, start,
