@@ -31,8 +31,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
+from etils import epath
 
-from zskt_jax import checkpoints, common, data, parallel, reporting
+from zskt_jax import checkpoints, common, data, parallel, paths, reporting
 from zskt_jax.errors import ConfigError, UserError
 from zskt_jax.parallel import DATA_AXIS
 
@@ -57,8 +58,8 @@ def load_student(run_workdir: str, mesh=None, step: Optional[int] = None, dtype_
     ``compute_dtype`` of ``dtype_config`` (default: the run's own).
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
-    directory = os.path.join(os.path.abspath(run_workdir), 'checkpoints')
-    if not os.path.isdir(directory):
+    directory = os.path.join(paths.absolute(run_workdir), 'checkpoints')
+    if not epath.Path(directory).is_dir():
         raise StudentNotFoundError(
             f'No checkpoints under {directory}: --config.student_workdir (or init_student_from) '
             'must be the --workdir of a zero-shot or few-shot run, e.g. runs/digits after '
@@ -94,7 +95,7 @@ def load_student(run_workdir: str, mesh=None, step: Optional[int] = None, dtype_
                 partial_restore=True))).state['student']
     finally:
         run_checkpoints.close()
-    meta = dict(meta, step=step, workdir=os.path.abspath(run_workdir))
+    meta = dict(meta, step=step, workdir=paths.absolute(run_workdir))
     return model, {'params': restored['params'], 'batch_stats': restored['batch_stats']}, \
         run_config, meta
 
@@ -331,7 +332,8 @@ def plot_curves(path: str, curves_a: np.ndarray, curves_b: np.ndarray, max_step:
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    with epath.Path(path).open('wb') as f:
+        fig.savefig(f, format='png')
     return path
 
 
@@ -370,7 +372,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     if not config.student_workdir:
         raise ConfigError('config.student_workdir is empty: set it to the --workdir of a '
                          'zero-shot or few-shot run (--config.student_workdir=runs/digits).')
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
 
     model_a, variables_a, run_config, meta = load_student(
@@ -409,8 +411,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     logger.info('MTE (first %d steps) = %.4f', mte_steps, mte)
 
     if is_main:
-        np.savez_compressed(os.path.join(workdir, 'curves.npz'), p_a=curves_a, p_b=curves_b,
-                            image_indices=indices, labels=labels[indices], targets=targets)
+        with epath.Path(workdir, 'curves.npz').open('wb') as f:
+            np.savez_compressed(f, p_a=curves_a, p_b=curves_b, image_indices=indices,
+                                labels=labels[indices], targets=targets)
         plot_curves(os.path.join(workdir, 'transition_curves.png'), curves_a, curves_b,
                     config.plot_steps,
                     label_a=f'{run_config.student.arch} ({run_config.get("job")}, A)',
@@ -432,7 +435,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         'student_job': run_config.get('job'),
         'student_iteration': meta['step'],
         'student_arch': run_config.student.arch,
-        'teacher_path': os.path.abspath(teacher_path),
+        'teacher_path': paths.absolute(teacher_path),
         'teacher_arch': run_config.teacher.arch,
         'dataset': dataset,
         'wall_time_s': time.time() - start_time,

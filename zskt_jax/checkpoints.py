@@ -8,13 +8,14 @@ them; the teacher is never copied into them.
 import fnmatch
 import hashlib
 import json
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from zskt_jax import paths
 from zskt_jax.errors import UserError
 
 
@@ -50,32 +51,30 @@ def variables_checksum(variables) -> str:
 
 def save_teacher(path: str, variables: Dict[str, Any], meta: Dict[str, Any]) -> None:
     """Write a teacher: its variables and a description the distillation job validates."""
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
+    path = paths.absolute(path)
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
     variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, 'variables'), jax.device_get(variables), force=True)
+    checkpointer.save(paths.join(path, 'variables'), jax.device_get(variables), force=True)
     checkpointer.wait_until_finished()
     meta = dict(meta, checksum=variables_checksum(variables))
     if jax.process_index() == 0:
-        with open(os.path.join(path, 'teacher.json.tmp'), 'w') as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        os.replace(os.path.join(path, 'teacher.json.tmp'), os.path.join(path, 'teacher.json'))
+        paths.write_text(paths.join(path, 'teacher.json'),
+                         json.dumps(meta, indent=2, sort_keys=True))
     barrier(f'teacher written to {path}')
 
 
 def load_teacher(path: str, make_hint: str = ''):
     """(variables, meta) of the teacher at ``path``; a clear error if there is none."""
-    path = os.path.abspath(path)
-    meta_path = os.path.join(path, 'teacher.json')
-    if not os.path.exists(meta_path) or not os.path.isdir(os.path.join(path, 'variables')):
+    path = paths.absolute(path)
+    meta_path = epath.Path(path) / 'teacher.json'
+    if not meta_path.exists() or not (epath.Path(path) / 'variables').is_dir():
         raise TeacherNotFoundError(
             f'No teacher checkpoint at {path} (expected {meta_path} and variables/).'
             + (f' Make one with:\n  {make_hint}' if make_hint else ''))
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        variables = ocp.StandardCheckpointer().restore(os.path.join(path, 'variables'))
+        meta = json.loads(meta_path.read_text())
+        variables = ocp.StandardCheckpointer().restore(paths.join(path, 'variables'))
     except Exception as error:  # noqa: BLE001 - whatever Orbax/TensorStore/json raise for it
         raise TeacherCorruptedError(
             f'The teacher at {path} cannot be read ({type(error).__name__}: {str(error)[:200]}); '
@@ -106,7 +105,7 @@ class RunCheckpoints:
     """Periodic, asynchronous, atomically finalised checkpoints of a run's train states."""
 
     def __init__(self, directory: str, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -226,7 +225,7 @@ def restore_latest(run_checkpoints: RunCheckpoints, target: Dict[str, Any], conf
         logger.warning('Checkpoint %s cannot be read (%s); moved to %s, trying the previous one.',
                        location, type(failure).__name__, aside)
         if jax.process_index() == 0:
-            os.replace(location, aside)
+            epath.Path(location).rename(aside)
         barrier(f'{location} moved aside')
         run_checkpoints.manager.reload()
     return None, None, None

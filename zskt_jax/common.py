@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zskt_jax import checkpoints, data, parallel
+from zskt_jax import checkpoints, data, parallel, paths
 from zskt_jax.errors import ConfigError
 from zskt_jax.models import Generator, build_wide_resnet
 from zskt_jax.parallel import DATA_AXIS
@@ -72,10 +72,10 @@ def load_teacher_for(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     hint = (f'python run.py --config={recipe} --config.dataset={config.dataset} '
             f'--config.teacher.arch={config.teacher.arch} '
             f'--config.teacher.base_width={config.teacher.base_width} '
-            f'--workdir={os.path.dirname(os.path.abspath(path))}\n'
+            f'--workdir={os.path.dirname(paths.absolute(path))}\n'
             f'or import the authors\' PyTorch teacher:\n  python -m zskt_jax.import_torch '
             f'--checkpoint=.../last.pth.tar --arch={config.teacher.arch} '
-            f'--dataset={config.dataset} --out={os.path.abspath(path)}\n'
+            f'--dataset={config.dataset} --out={paths.absolute(path)}\n'
             'or point --config.teacher.checkpoint at an existing teacher directory.')
     variables, meta = checkpoints.load_teacher(path, make_hint=hint)
     checkpoints.check_teacher(meta, num_classes=info.num_classes, image_shape=info.image_shape,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import checkpoints, common, data, loop, losses, parallel, reporting
+from zskt_jax import checkpoints, common, data, loop, losses, parallel, paths, reporting
 from zskt_jax.errors import ConfigError
 from zskt_jax.parallel import DATA_AXIS
 from zskt_jax.state import create_state, sgd
@@ -213,7 +213,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     tx = sgd(config.momentum, config.weight_decay, config.nesterov)
     state = create_state(student_model, init_key, jnp.zeros((2,) + info.image_shape), tx)
     state = parallel.replicate(state, mesh)
-    teacher_path = os.path.abspath(common.teacher_dir(config))
+    teacher_path = paths.absolute(common.teacher_dir(config))
     run = loop.RunDir(workdir, config,
                       validate_meta=checkpoints.same_teacher_as(teacher_meta, teacher_path))
     start, state, init_meta = _restore_or_initialise(config, state, mesh, run)

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from zskt_jax import paths
 from zskt_jax.models.wide_resnet import parse_arch
 
 logger = logging.getLogger('zskt_jax')
@@ -275,7 +276,7 @@ def import_teacher(checkpoint: str, arch: str, dataset: str, out: Optional[str] 
             meta['test_accuracy'] = accuracy
             logger.info('Imported %s test accuracy on %s: %.2f%%', arch, dataset, 100 * accuracy)
     checkpoints.save_teacher(out, variables, meta)
-    logger.info('Teacher written to %s', os.path.abspath(out))
+    logger.info('Teacher written to %s', paths.absolute(out))
     return out, meta
 
 

@@ -8,8 +8,9 @@ import os
 import sys
 
 from absl import app
+from etils import epath
 
-from zskt_jax import errors
+from zskt_jax import errors, paths
 
 # config.job -> the module whose train_and_evaluate(config, workdir) runs it.
 JOBS = {
@@ -73,10 +74,10 @@ def train_teacher_if_missing(config):
     config's dataset and teacher network. Returns the teacher job's results, or None."""
     from zskt_jax import common
     recipe = config.teacher.get('recipe', '')
-    if not recipe or os.path.exists(os.path.join(common.teacher_dir(config), 'teacher.json')):
+    if not recipe or epath.Path(common.teacher_dir(config), 'teacher.json').exists():
         return None
     teacher_config = teacher_recipe_config(config)
-    workdir = os.path.dirname(os.path.abspath(common.teacher_dir(config)))
+    workdir = os.path.dirname(paths.absolute(common.teacher_dir(config)))
     logging.getLogger('zskt_jax').info('No teacher at %s: training one with %s first.',
                                        common.teacher_dir(config), recipe)
     return run_job(teacher_config, workdir)

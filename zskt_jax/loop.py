@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from zskt_jax import checkpoints, reporting
 from zskt_jax.errors import NonFiniteLossError
@@ -30,7 +31,7 @@ class RunDir:
 
     def __init__(self, workdir: str, config, *, validate_meta: Optional[Callable] = None, defaults: Optional[Dict] = None,
                  unit: str = 'iteration'):
-        os.makedirs(workdir, exist_ok=True)
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.unit = unit
         self.is_main = jax.process_index() == 0

@@ -12,6 +12,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from zskt_jax import paths
+
 logger = logging.getLogger('zskt_jax')
 
 
@@ -99,10 +101,7 @@ def write_results(workdir: str, results: Dict, active: bool = True) -> Optional[
     if not active:
         return None
     path = os.path.join(workdir, 'results.json')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(results, f, indent=2, sort_keys=True, default=_jsonable)
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps(results, indent=2, sort_keys=True, default=_jsonable))
     return path
 
 

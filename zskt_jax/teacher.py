@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import checkpoints, common, data, loop, losses, parallel, reporting
+from zskt_jax import checkpoints, common, data, loop, losses, parallel, paths, reporting
 from zskt_jax.errors import ConfigError
 from zskt_jax.parallel import DATA_AXIS
 from zskt_jax.state import create_state, sgd
@@ -141,7 +141,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         'dataset': config.dataset, 'test_accuracy': accuracy, 'source': 'trained',
         'epochs': config.epochs})
     results = {'job': 'teacher', 'teacher_accuracy': accuracy,
-               'teacher_path': os.path.abspath(teacher_path)}
+               'teacher_path': paths.absolute(teacher_path)}
     run.finish(results)
     logger.info('Teacher written to %s', teacher_path)
     return results

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import checkpoints, losses, parallel
+from zskt_jax import checkpoints, losses, parallel, paths
 from zskt_jax.errors import ConfigError, NonFiniteLossError  # noqa: F401 (raised by the loop)
 from zskt_jax.models.layers import INPUT_MOMENTS
 from zskt_jax.parallel import DATA_AXIS, data_parallel
@@ -472,7 +472,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                     student=common.build_network(config.student, info.num_classes, config),
                     teacher=common.build_network(config.teacher, info.num_classes, config))
     state, z_key = create_states(config, models, mesh)
-    teacher_path = os.path.abspath(common.teacher_dir(config))
+    teacher_path = paths.absolute(common.teacher_dir(config))
     run = loop.RunDir(workdir, config, defaults=RESUME_DEFAULTS,
                       validate_meta=checkpoints.same_teacher_as(teacher_meta, teacher_path))
     run.record = {'teacher_path': teacher_path, 'teacher_checksum': teacher_meta['checksum']}
