@@ -46,14 +46,16 @@ DIGITS_RUNS = (
     ('digits_wrn16_2_to_wrn16_1', ['--config.teacher.arch=WRN-16-2',
                                    '--config.teacher.base_width=16',
                                    '--config.student.base_width=16',
-                                   '--config.num_iterations=250', '--config.eval_every_iterations=25']),
+                                   '--config.num_iterations=250',
+                                   '--config.eval_every_iterations=25']),
 )
 # --quick: a tiny teacher (the first two flags) and 4 iterations (a smoke test of this script,
 # not a measurement).
 QUICK_DIGITS = ['--config.teacher.arch=WRN-10-1', '--config.teacher.base_width=4',
                 '--config.student.arch=WRN-10-1', '--config.student.base_width=4',
                 '--config.generator.hidden=8', '--config.num_iterations=4',
-                '--config.eval_every_iterations=2', '--config.log_every_iterations=2', '--config.checkpoint_every_iterations=4',
+                '--config.eval_every_iterations=2', '--config.log_every_iterations=2',
+                '--config.checkpoint_every_iterations=4',
                 '--config.replay_size=512', '--config.weight_grad_chunk=0']
 
 

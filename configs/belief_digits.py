@@ -12,5 +12,5 @@ def get_config():
     config.num_images = -1            # the digits test split has 360 images: every agreeing one
     config.batch_size = 540           # 60 images x 9 targets per compiled call
     config.eval_batch_size = 360
-    config.log_every_chunks = 1              # a progress line per chunk (minutes each on a 2-core CPU)
+    config.log_every_chunks = 1       # a progress line per chunk (minutes each on a 2-core CPU)
     return config

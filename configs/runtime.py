@@ -24,10 +24,11 @@ def add(config, *, unit: str, log_every: int, checkpoint_every: int, keep_checkp
     config[f'checkpoint_every_{unit}'] = checkpoint_every
     config.eval_batch_size = 500       # evaluation batch (all devices), rounded up to fit them
     config.keep_checkpoints = keep_checkpoints  # the most recent ones kept
-    config.resume_fallback = False     # if the latest checkpoint is unreadable, use the previous one
+    config.resume_fallback = False     # latest checkpoint unreadable: resume from the one before
     # >0: checkpoint and stop after this many iterations / steps of a run (rerun to continue)
     config[f'stop_after_{stop_unit or unit}'] = 0
-    config.compute_dtype = 'float32'   # activations: float32 | bfloat16 (params, optimizers, losses stay f32)
+    config.compute_dtype = 'float32'   # activations: float32 | bfloat16 (params, optimizers,
+                                       # losses stay float32)
     config.weight_grad_chunk = 0       # >0: conv kernel gradients summed over slices of this many
                                        # examples (8: ~1.25x faster on XLA:CPU; see the README)
     return config

@@ -4,7 +4,8 @@ Each process is a child started with ``--xla_force_host_platform_device_count=4`
 other through ``jax.distributed.initialize`` on localhost (CPU collectives over gloo). A tiny
 digits distillation runs through ``run.py`` from nothing (its teacher recipe first: process 0
 writes the teacher, the other waits for it; both save the Orbax checkpoints) and must end where
-the same run on one 8-device process ends. A SIGTERM to one process stops both at one iteration. A lighter worker (this file as a script,
+the same run on one 8-device process ends. A SIGTERM to one process stops both at one iteration.
+A lighter worker (this file as a script,
 two processes again, no TensorFlow) restores that run's checkpoint as a resumed run does, and
 checks the host-sharded evaluation over shares of unequal size and the feeding of host-local
 batches. Stuck children are killed with SIGKILL: the distributed runtime catches SIGTERM.

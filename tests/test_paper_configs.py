@@ -83,7 +83,8 @@ def flatten(tree, prefix=''):
 
 def test_eval_every_follows_overridden_iterations():
     assert parse('cifar10.py', '--config.num_iterations=1000').eval_every_iterations == 10
-    assert parse('svhn.py', '--config.num_iterations=1000', '--config.eval_every_iterations=7').eval_every_iterations == 7
+    assert parse('svhn.py', '--config.num_iterations=1000',
+                 '--config.eval_every_iterations=7').eval_every_iterations == 7
 
 
 @pytest.mark.parametrize('name', ['svhn', 'cifar10'])

@@ -96,7 +96,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_states(tmp_path, digits_d
 
 def test_non_finite_iteration_between_metric_reads_saves_the_states_before_it(
         tmp_path, digits_data_dir, tiny_teacher, monkeypatch):
-    """The loop reads the metrics back only every log_every_iterations iterations; a NaN at iteration 3,
+    """The loop reads the metrics back only every log_every_iterations; a NaN at iteration 3,
     read at iteration 5, still stops the run with the states after iteration 2 saved, equal to
     those of a run stopped there."""
     import jax
@@ -116,15 +116,15 @@ def test_non_finite_iteration_between_metric_reads_saves_the_states_before_it(
             return state.replace(student=student), dict(metrics, kl=nan(metrics['kl']))
         return iteration_fn
 
-    config = tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_iterations=6, log_every_iterations=5,
-                                   eval_every_iterations=5, checkpoint_every_iterations=5)
+    every_5 = dict(log_every_iterations=5, eval_every_iterations=5, checkpoint_every_iterations=5)
+    config = tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_iterations=6, **every_5)
     monkeypatch.setattr(zero_shot, 'make_iteration_fn', poisoned_at_iteration_3)
     with pytest.raises(zero_shot.NonFiniteLossError, match='iteration 3:') as error:
         zero_shot.train_and_evaluate(config, str(tmp_path / 'run'))
     assert os.path.join(str(tmp_path / 'run'), 'checkpoints', '2') in str(error.value)
     monkeypatch.setattr(zero_shot, 'make_iteration_fn', real)
-    stopped = tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_iterations=6, log_every_iterations=5,
-                                    eval_every_iterations=5, checkpoint_every_iterations=5, stop_after_iterations=2)
+    stopped = tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_iterations=6, **every_5,
+                                    stop_after_iterations=2)
     assert zero_shot.train_and_evaluate(stopped, str(tmp_path / 'stopped'))['stopped_at'] == 2
     read = lambda run: ocp.StandardCheckpointer().restore(
         str(tmp_path / run / 'checkpoints' / '2' / 'state'))
@@ -153,8 +153,9 @@ def test_zero_shot_iterations_transfer_nothing_between_host_and_device(
         return iteration_fn
 
     monkeypatch.setattr(zero_shot, 'make_iteration_fn', guarded)
-    config = tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_iterations=4, log_every_iterations=4,
-                                   eval_every_iterations=4, checkpoint_every_iterations=4)
+    config = tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_iterations=4,
+                                   log_every_iterations=4, eval_every_iterations=4,
+                                   checkpoint_every_iterations=4)
     results = zero_shot.train_and_evaluate(config, str(tmp_path / 'run'))
     assert results['iterations'] == 4 and len(calls) == 4
 

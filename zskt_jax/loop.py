@@ -25,12 +25,13 @@ class RunDir:
     """A job's workdir: ``checkpoints/``, ``tensorboard/``, ``results.json``.
 
     A checkpoint resumes only into a run of the same configuration (every field but those
-    listed in checkpoints.MAY_CHANGE_ON_RESUME). ``record`` holds the job's own fields of every checkpoint's record (teacher path and
-    checksum, ...); the config, the step, the history and the wall time are added here.
+    listed in checkpoints.MAY_CHANGE_ON_RESUME). ``record`` holds the job's own fields of every
+    checkpoint's record (teacher path and checksum, ...); the config, the step, the history and
+    the wall time are added here.
     """
 
-    def __init__(self, workdir: str, config, *, validate_meta: Optional[Callable] = None, defaults: Optional[Dict] = None,
-                 unit: str = 'iteration'):
+    def __init__(self, workdir: str, config, *, validate_meta: Optional[Callable] = None,
+                 defaults: Optional[Dict] = None, unit: str = 'iteration'):
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.unit = unit

@@ -77,7 +77,8 @@ def _conditional(handler):
 
 _CONDITIONAL = {_objects.get, _objects.download, _objects.insert, _objects.delete}
 _server.HANDLERS = tuple(
-    (pattern, {method: _conditional(f) if f in _CONDITIONAL else f for method, f in methods.items()})
+    (pattern, {method: _conditional(f) if f in _CONDITIONAL else f
+               for method, f in methods.items()})
     for pattern, methods in _server.HANDLERS)
 
 
