@@ -246,8 +246,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         step, state, start, total_iterations,
         loop.Cadence.of(config),
         run=run, state_dict=lambda state: {'student': state.state_dict()},
-        read_metrics=loop.read_scalars,
-        log=log, evaluate=evaluate, progress=progress)
+        read_metrics=loop.read_scalars, log=log, evaluate=evaluate, progress=progress)
     if end.stopped_at is not None:
         return run.stopped('few_shot', end.stopped_at)
     if not run.history or run.history[-1]['iteration'] != total_iterations:

@@ -70,6 +70,27 @@ def make_train_step(model, config, steps_per_epoch: int, mesh):
     return jax.jit(parallel.data_parallel(per_device, mesh, (P(), batch, batch, P()), (P(), P())))
 
 
+class EpochBatches:
+    """Step i's example indices and augmentation key: epoch e = i // steps_per_epoch draws a
+    permutation from fold_in(key, e) and its step j takes the j-th batch of it (the last partial
+    batch dropped) with the key fold_in(epoch key, j); a function of (key, i) only, so a run
+    stopped mid-epoch resumes exactly. The current epoch's permutation is kept."""
+
+    def __init__(self, n: int, batch_size: int, key):
+        self.n, self.batch_size, self.key = n, batch_size, key
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._permutation = None, None
+
+    def __call__(self, i: int):
+        epoch, j = divmod(i, self.steps_per_epoch)
+        epoch_key = jax.random.fold_in(self.key, epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._permutation = np.asarray(jax.random.permutation(epoch_key, self.n))
+        idx = self._permutation[j * self.batch_size:(j + 1) * self.batch_size]
+        return idx, jax.random.fold_in(epoch_key, j)
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Train a teacher from scratch; writes it to ``config.teacher.checkpoint`` (default
     ``{workdir}/teacher``) and returns the results written to ``{workdir}/results.json``."""
@@ -91,8 +112,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     state = create_state(model, init_key, jnp.zeros((2,) + info.image_shape), tx)
     state = parallel.replicate(state, mesh)
 
-    # Checkpoints are labelled by optimizer step, so a stop mid-epoch resumes exactly: the
-    # epoch's permutation and augmentation keys are functions of (seed, epoch, step).
+    # Checkpoints are labelled by optimizer step; a stop mid-epoch resumes exactly (EpochBatches).
     run = loop.RunDir(workdir, config, unit='step')
     start, saved, _ = run.restore(state.state_dict())
     state = state if saved is None else state.replace_from(saved)
@@ -100,17 +120,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     train_step = make_train_step(model, config, steps_per_epoch, mesh)
     total_steps = config.epochs * steps_per_epoch
     progress = reporting.Progress(start, total_steps, steps_per_unit=steps_per_epoch)
-    permutations = {}
+    batches = EpochBatches(len(train_labels), config.batch_size, data_key)
 
     def step(state, i):
-        epoch, j = divmod(i, steps_per_epoch)
-        epoch_key = jax.random.fold_in(data_key, epoch)
-        if epoch not in permutations:
-            permutations.clear()
-            permutations[epoch] = np.asarray(jax.random.permutation(epoch_key, len(train_labels)))
-        idx = permutations[epoch][j * config.batch_size:(j + 1) * config.batch_size]
+        idx, augment_key = batches(i)
         images, labels = parallel.shard_batch((train_images[idx], train_labels[idx]), mesh)
-        return train_step(state, images, labels, jax.random.fold_in(epoch_key, j))
+        return train_step(state, images, labels, augment_key)
 
     def log(done, metrics):  # at the end of every epoch
         epoch = done // steps_per_epoch
@@ -122,8 +137,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         step, state, start, total_steps,
         loop.Cadence(steps_per_epoch, 0, config.checkpoint_every_epochs * steps_per_epoch,
                      config.stop_after_steps),
-        run=run, state_dict=lambda state: state.state_dict(),
-        read_metrics=loop.read_scalars,
+        run=run, state_dict=lambda state: state.state_dict(), read_metrics=loop.read_scalars,
         log=log, evaluate=lambda done, state: None, progress=progress)
     if end.stopped_at is not None:
         return run.stopped('teacher', end.stopped_at)
