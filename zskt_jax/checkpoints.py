@@ -8,6 +8,7 @@ them; the teacher is never copied into them.
 import fnmatch
 import hashlib
 import json
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -55,11 +56,11 @@ def save_teacher(path: str, variables: Dict[str, Any], meta: Dict[str, Any]) -> 
     epath.Path(path).mkdir(parents=True, exist_ok=True)
     variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(paths.join(path, 'variables'), jax.device_get(variables), force=True)
+    checkpointer.save(os.path.join(path, 'variables'), jax.device_get(variables), force=True)
     checkpointer.wait_until_finished()
     meta = dict(meta, checksum=variables_checksum(variables))
     if jax.process_index() == 0:
-        paths.write_text(paths.join(path, 'teacher.json'),
+        paths.write_text(os.path.join(path, 'teacher.json'),
                          json.dumps(meta, indent=2, sort_keys=True))
     barrier(f'teacher written to {path}')
 
@@ -74,7 +75,7 @@ def load_teacher(path: str, make_hint: str = ''):
             + (f' Make one with:\n  {make_hint}' if make_hint else ''))
     try:
         meta = json.loads(meta_path.read_text())
-        variables = ocp.StandardCheckpointer().restore(paths.join(path, 'variables'))
+        variables = ocp.StandardCheckpointer().restore(os.path.join(path, 'variables'))
     except Exception as error:  # noqa: BLE001 - whatever Orbax/TensorStore/json raise for it
         raise TeacherCorruptedError(
             f'The teacher at {path} cannot be read ({type(error).__name__}: {str(error)[:200]}); '

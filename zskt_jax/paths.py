@@ -1,5 +1,6 @@
 """Paths: local directories and URLs (``gs://BUCKET/...`` on a TPU pod, whose workers share no
-disk) alike, through ``etils.epath``, the path API Orbax and TFDS use too."""
+disk) alike, through ``etils.epath``, the path API Orbax and TFDS use too. ``os.path.join``
+and ``os.path.dirname`` already serve URLs as they are strings of '/'-separated parts."""
 import os
 
 from etils import epath
@@ -13,10 +14,6 @@ def absolute(path) -> str:
     """A local path made absolute (as runs record it); a URL as it is."""
     path = os.fspath(path)
     return path if is_url(path) else os.path.abspath(path)
-
-
-def join(*parts) -> str:
-    return os.fspath(epath.Path(parts[0]).joinpath(*parts[1:]))
 
 
 def write_text(path, text: str) -> None:
