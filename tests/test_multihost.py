@@ -177,8 +177,10 @@ def test_two_processes_end_where_one_8_device_process_ends(runs):
     assert ([(h['iteration'], h['student_accuracy']) for h in double['history']] ==
             [(h['iteration'], h['student_accuracy']) for h in single['history']])
     assert [h['iteration'] for h in double['history']] == [2, 3]
+    # gloo sums across the processes in another order than one process over its 8 devices: on a
+    # 2-core Xeon (AVX-512) the attention metric differed by 4e-5 relative after 3 iterations.
     for name, value in single['final_train_metrics'].items():
-        assert double['final_train_metrics'][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+        assert double['final_train_metrics'][name] == pytest.approx(value, rel=1e-4, abs=1e-7), name
 
     # Float32 rounding: the all-reduces of gloo and of one process sum in different orders.
     assert_final_states_close(runs['single'], runs['double'])
