@@ -250,15 +250,13 @@ def test_three_iterations_on_8_devices_equal_1_device(results):
     iterations, so the test runs with eps = 1e-3 and asserts rtol 1e-5 with an atol of 1e-5
     (1/200 of one Adam step) for entries near 0; the step's code is the same for any eps.
     test_gradients_on_8_devices_equal_1_device compares the gradients themselves, which Adam's
-    eps does not touch. On a 2-core Xeon (AVX-512), with another test file running beside it,
-    the generator's Adam moments differed by up to 1.29e-5 in one run of three (1e-5 failed),
-    so the atol is 3e-5: 1/67 of one Adam step, far below what a wrong reduction gives.
+    eps does not touch.
     """
     for name, one, eight in _pairs(results, 'step'):
         if one.dtype.kind != 'f':
             np.testing.assert_array_equal(eight, one, err_msg=name)  # step and update counters
         else:
-            np.testing.assert_allclose(eight, one, rtol=1e-5, atol=3e-5, err_msg=name)
+            np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5, err_msg=name)
     for name, one, eight in _pairs(results, 'metrics'):
         np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-7, err_msg=name)
 
@@ -268,15 +266,14 @@ def test_stabilised_iterations_on_8_devices_equal_1_device(results):
     (averaged over devices before the non-linear norms and logarithm), the one-hot and L1 terms,
     and the replay memory (each device writes the gathered global batch and draws its rows of
     the global replay indices): the same states, memory included, as one device. Tolerances
-    as above, but an atol of 3e-5 (1/67 of one Adam step): the BatchNorm-statistics norms add
-    rounding, and on a 2-core Xeon (AVX-512) a generator bias differed by 1.28e-5."""
+    as above."""
     pairs = _pairs(results, 'stabilised/step')
     assert any("['replay']" in name for name, _, _ in pairs)
     for name, one, eight in pairs:
         if one.dtype.kind != 'f':
             np.testing.assert_array_equal(eight, one, err_msg=name)
         else:
-            np.testing.assert_allclose(eight, one, rtol=1e-5, atol=3e-5, err_msg=name)
+            np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5, err_msg=name)
     metrics = _pairs(results, 'stabilised/metrics')
     assert {'bn_statistics', 'class_balance', 'one_hot', 'l1'} <= {
         name.split("'")[1] for name, _, _ in metrics}
