@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from test_parallel import ROOT, eval_split, subprocess_env
+from test_parallel import ROOT, assert_states_close, eval_split, subprocess_env
 from tiny_config import write_config_file
 
 TIMEOUT_S = 300
@@ -105,17 +105,21 @@ def final_checkpoint(workdir: str):
 
 
 def assert_final_states_close(workdir_a: str, workdir_b: str):
-    """Both runs' last checkpoints are of iteration 3 and agree to float32 rounding (parameters,
-    batch statistics, optimizer states)."""
+    """Both runs' last checkpoints are of iteration 3 and agree to float32 rounding as amplified
+    by 3 iterations (parameters, batch statistics, optimizer states; tolerances and why:
+    test_parallel.assert_states_close)."""
     import jax
     (step_a, state_a), (step_b, state_b) = final_checkpoint(workdir_a), final_checkpoint(workdir_b)
     assert step_a == step_b == 3
     paths = jax.tree_util.tree_flatten_with_path(state_a)[0]
     leaves = jax.tree.leaves(state_b)
     assert len(paths) == len(leaves) > 0
-    for (path, a), b in zip(paths, leaves):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_states_close([(jax.tree_util.keystr(path), np.asarray(a), np.asarray(b))
+                         for (path, a), b in zip(paths, leaves)])
+
+
+# The last iteration's training metrics (means over its batch) carry the states' differences.
+METRICS_RTOL = 1e-3
 
 
 @pytest.fixture(scope='module')
@@ -178,7 +182,8 @@ def test_two_processes_end_where_one_8_device_process_ends(runs):
             [(h['iteration'], h['student_accuracy']) for h in single['history']])
     assert [h['iteration'] for h in double['history']] == [2, 3]
     for name, value in single['final_train_metrics'].items():
-        assert double['final_train_metrics'][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+        assert double['final_train_metrics'][name] == pytest.approx(
+            value, rel=METRICS_RTOL, abs=1e-7), name
 
     # Float32 rounding: the all-reduces of gloo and of one process sum in different orders.
     assert_final_states_close(runs['single'], runs['double'])
@@ -203,7 +208,8 @@ def test_resume_on_one_device_from_an_8_device_checkpoint(runs, tmp_path):
     assert resumed['history'][0] == single['history'][0]
     assert resumed['student_accuracy'] == pytest.approx(single['student_accuracy'], abs=0.01)
     for name, value in single['final_train_metrics'].items():
-        assert resumed['final_train_metrics'][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+        assert resumed['final_train_metrics'][name] == pytest.approx(
+            value, rel=METRICS_RTOL, abs=1e-6), name
 
     # Iteration 3 sums over 1 device instead of 8 (test_parallel.py explains the tolerance).
     assert_final_states_close(runs['single'], str(workdir))
