@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from test_parallel import ROOT, assert_states_close, eval_split, subprocess_env
+from test_parallel import METRICS_RTOL, ROOT, assert_states_close, eval_split, subprocess_env
 from tiny_config import write_config_file
 
 TIMEOUT_S = 300
@@ -116,10 +116,6 @@ def assert_final_states_close(workdir_a: str, workdir_b: str):
     assert len(paths) == len(leaves) > 0
     assert_states_close([(jax.tree_util.keystr(path), np.asarray(a), np.asarray(b))
                          for (path, a), b in zip(paths, leaves)])
-
-
-# The last iteration's training metrics (means over its batch) carry the states' differences.
-METRICS_RTOL = 1e-3
 
 
 @pytest.fixture(scope='module')
