@@ -26,7 +26,7 @@ def get_config():
     config.num_iterations = 500
     config.batch_size = 128
     # n_s = 4: 18% less time an iteration than 5 (the student's updates are ~80% of it) and every
-    # seed 0-4 at 97% of two teachers (98.89%, 99.17%; README). n_s = 3 missed on seed 2.
+    # seed 0-4 at 97% of two teachers (98.89%, 99.17%; README). n_s = 3 missed on seeds 1, 2.
     config.n_s = 4
     # Stabilisers (REFERENCE.md, "After the paper"; weights in this project's loss scale, whose
     # KL is averaged over batch x classes: 1/10 of the per-sample KL the later methods weigh).
