@@ -12,11 +12,23 @@ one H200-class GPU; every part also runs, slowly, on CPU):
    convolution, forward and backward, at the paper's two generator layers.
 3. The digits default (``configs/digits.py``: teacher recipe, then 500 iterations) and the larger
    pair (WRN-16-2 -> WRN-16-1 at base width 16, 250 iterations, its own teacher) through
-   ``run.py``, each with its wall time and final accuracy.
+   ``run.py``, each with its wall time and final accuracy; and the digits default once more
+   without its CPU lever (``weight_grad_chunk = 0``).
 
-Nothing is downloaded: the digits are built offline; torch is used only if it is installed.
+Nothing is downloaded: torch is used only if it is installed. On a bare GPU image (no TFDS, no
+TensorFlow, no package index) run ``benchmarks/prepare_device.py`` on a machine that has the
+project, carry its folder along, and pass it as ``--device_dir``: the wheels are installed with
+``pip install --no-index`` into a folder of their own and TFDS reads the prepared digits
+(array_record, no TensorFlow):
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --device_dir=.device --out=gpu_check.json
+
+Each part is written to the JSON as soon as it ends; a part that fails is recorded with its
+error and the next one runs; parts left when ``--budget_s`` is spent are recorded as skipped.
+The parts run in ``--parts`` order (default: what users run first).
 """
 import argparse
+import glob
 import json
 import os
 import platform
@@ -25,11 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, 'benchmarks')]
-
-import iteration  # noqa: E402  (benchmarks/iteration.py)
 
 # (name, extra flags of benchmarks/iteration.py); the first one also times PyTorch.
 ITERATION_VARIANTS = (
@@ -48,6 +58,8 @@ DIGITS_RUNS = (
                                    '--config.student.base_width=16',
                                    '--config.num_iterations=250',
                                    '--config.eval_every_iterations=25']),
+    # The digits default without its CPU lever (kernel gradients over batch slices).
+    ('digits_default_unsliced', ['--config.weight_grad_chunk=0']),
 )
 # --quick: a tiny teacher (the first two flags) and 4 iterations (a smoke test of this script,
 # not a measurement).
@@ -59,14 +71,10 @@ QUICK_DIGITS = ['--config.teacher.arch=WRN-10-1', '--config.teacher.base_width=4
                 '--config.replay_size=512', '--config.weight_grad_chunk=0']
 
 
-def time_iterations(quick: bool, log):
-    """benchmarks/iteration.py's whole result (JAX, and PyTorch beside float32) per variant."""
-    results = {}
-    for name, flags in ITERATION_VARIANTS:
-        log(f'== iteration benchmark: {name} ==')
-        argv = flags + (['--quick', '--repeats', '2', '--warmup', '1'] if quick else [])
-        results[name] = iteration.main(argv)
-    return results
+def time_iteration(flags, quick: bool):
+    """benchmarks/iteration.py's whole result (JAX, and PyTorch unless --skip_torch)."""
+    import iteration  # benchmarks/iteration.py, beside this file (imported once TFDS is there)
+    return iteration.main(flags + (['--quick', '--repeats', '2', '--warmup', '1'] if quick else []))
 
 
 def time_upsample(quick: bool, repeats: int, log):
@@ -112,53 +120,121 @@ def run_py(name, args, log):
     return time.perf_counter() - start
 
 
-def digits_runs(quick: bool, workdir: str, log):
-    """Each run trains its teacher with the recipe first (timed with it); --quick trains a tiny
+def digits_run(name: str, flags, quick: bool, workdir: str, log):
+    """Trains the run's teacher with the recipe first (timed with it); --quick trains a tiny
     teacher for one epoch instead, then distils it for 4 iterations."""
-    results = {}
+    run_dir, teacher = os.path.join(workdir, name), os.path.join(workdir, f'{name}_teacher')
+    wall = 0.0
+    if quick:
+        wall += run_py(f'{name} teacher', [
+            '--config=configs/teacher_digits.py', '--config.epochs=1', f'--workdir={teacher}',
+            *QUICK_DIGITS[:2]], log)
+        flags = list(flags) + QUICK_DIGITS + ['--config.teacher.recipe=']
+    wall += run_py(name, ['--config=configs/digits.py', f'--workdir={run_dir}',
+                          f'--config.teacher.checkpoint={teacher}/teacher', *flags], log)
+    with open(os.path.join(run_dir, 'results.json')) as f:
+        run = json.load(f)
+    log(f"  {run['student_accuracy']:.2%} (teacher {run['teacher_accuracy']:.2%}), "
+        f'{wall:.0f} s with the teacher')
+    return {'wall_time_s_with_teacher': wall, 'student_wall_time_s': run['wall_time_s'],
+            'student_accuracy': run['student_accuracy'],
+            'teacher_accuracy': run['teacher_accuracy'],
+            'backend': run['backend'], 'devices': run['devices']}
+
+
+def parts(quick: bool, workdir: str, log):
+    """name -> a function of no arguments returning that part's numbers."""
+    table = {name: (lambda flags=flags: time_iteration(flags, quick))
+             for name, flags in ITERATION_VARIANTS}
+    table['upsample_conv3x3'] = lambda: time_upsample(quick, 3 if quick else 20, log)
     for name, flags in DIGITS_RUNS[:1] if quick else DIGITS_RUNS:
-        run_dir, teacher = os.path.join(workdir, name), os.path.join(workdir, f'{name}_teacher')
-        wall = 0.0
-        if quick:
-            wall += run_py(f'{name} teacher', [
-                '--config=configs/teacher_digits.py', '--config.epochs=1', f'--workdir={teacher}',
-                *QUICK_DIGITS[:2]], log)
-            flags = flags + QUICK_DIGITS + ['--config.teacher.recipe=']
-        wall += run_py(name, ['--config=configs/digits.py', f'--workdir={run_dir}',
-                              f'--config.teacher.checkpoint={teacher}/teacher', *flags], log)
-        with open(os.path.join(run_dir, 'results.json')) as f:
-            run = json.load(f)
-        results[name] = {'wall_time_s_with_teacher': wall,
-                         'student_wall_time_s': run['wall_time_s'],
-                         'student_accuracy': run['student_accuracy'],
-                         'teacher_accuracy': run['teacher_accuracy'],
-                         'backend': run['backend'], 'devices': run['devices']}
-        log(f"  {run['student_accuracy']:.2%} (teacher {run['teacher_accuracy']:.2%}), "
-            f'{wall:.0f} s with the teacher')
-    return results
+        table[name] = lambda name=name, flags=flags: digits_run(name, flags, quick, workdir, log)
+    return table
+
+
+# Default order: the user's job first, then the paper's iteration against PyTorch, then the rest.
+DEFAULT_ORDER = ('digits_default', 'float32', 'digits_wrn16_2_to_wrn16_1',
+                 'digits_default_unsliced', 'bfloat16', 'upsample_conv3x3', 'unrolled',
+                 'num_seeds_3')
+
+
+def install_device_dir(device_dir: str, log) -> None:
+    """Install ``device_dir/wheels`` (benchmarks/prepare_device.py) without a network into a
+    folder of their own, put it first on this process's path and its children's, and point TFDS
+    at ``device_dir/tensorflow_datasets``."""
+    wheels = sorted(glob.glob(os.path.join(device_dir, 'wheels', '*.whl')))
+    data_dir = os.path.join(device_dir, 'tensorflow_datasets')
+    if not wheels or not os.path.isdir(data_dir):
+        raise SystemExit(f'--device_dir {device_dir}: no wheels/*.whl or tensorflow_datasets/ in '
+                         'it; run python benchmarks/prepare_device.py first.')
+    site = os.path.join(tempfile.gettempdir(), 'zskt_jax_device_site')
+    start = time.perf_counter()
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-index',
+                    '--find-links', os.path.join(device_dir, 'wheels'), '--no-deps',
+                    '--no-compile', '--upgrade', '--target', site, *wheels], check=True)
+    sys.path.insert(0, site)
+    os.environ['PYTHONPATH'] = os.pathsep.join(
+        p for p in (site, os.environ.get('PYTHONPATH')) if p)
+    os.environ['TFDS_DATA_DIR'] = os.path.abspath(data_dir)
+    log(f'installed {len(wheels)} wheels into {site} in {time.perf_counter() - start:.0f} s; '
+        f'TFDS_DATA_DIR={data_dir}')
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default='gpu_check.json', help='the JSON with every number')
     parser.add_argument('--quick', action='store_true', help='tiny sizes: a smoke test on CPU')
+    parser.add_argument('--device_dir', default='',
+                        help="benchmarks/prepare_device.py's folder: wheels to install offline "
+                             'and the digits as array_record')
+    parser.add_argument('--parts', default=','.join(DEFAULT_ORDER),
+                        help=f'comma-separated, in order (default: {",".join(DEFAULT_ORDER)})')
+    parser.add_argument('--budget_s', type=float, default=float('inf'),
+                        help='start no part after this many seconds (the rest: skipped)')
     args = parser.parse_args(argv)
     log = lambda line='': print(line, flush=True)
-    import jax
     start = time.perf_counter()
+    if args.device_dir:
+        install_device_dir(args.device_dir, log)
+    import jax
     report = {'platform': platform.platform(), 'python': platform.python_version(),
               'jax_version': jax.__version__, 'backend': jax.default_backend(),
-              'devices': [str(d.device_kind) for d in jax.devices()], 'quick': args.quick}
-    log(f"gpu_check on {report['backend']}: {report['devices']}")
-    report['iteration'] = time_iterations(args.quick, log)
-    log('== the generator upsampling layers ==')
-    report['upsample_conv3x3'] = time_upsample(args.quick, 3 if args.quick else 20, log)
+              'devices': [str(d.device_kind) for d in jax.devices()], 'quick': args.quick,
+              'parts': {}}
+    log(f"gpu_check on {report['backend']}: {report['devices']}, jax {jax.__version__}")
+
+    def save():
+        report['total_s'] = time.perf_counter() - start
+        with open(args.out, 'w') as f:
+            json.dump(report, f, indent=2, default=str)
+
     with tempfile.TemporaryDirectory() as workdir:
-        report['digits'] = digits_runs(args.quick, workdir, log)
-    report['total_s'] = time.perf_counter() - start
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=2, default=str)
-    log(f"gpu_check took {report['total_s']:.0f} s; numbers in {args.out}")
+        table = parts(args.quick, workdir, log)
+        for name in args.parts.split(','):
+            if name not in table:
+                if name in DEFAULT_ORDER:
+                    continue  # a full-size part that --quick leaves out
+                raise SystemExit(f'--parts: unknown part {name!r}; known: {", ".join(table)}')
+            elapsed = time.perf_counter() - start
+            if elapsed > args.budget_s:
+                log(f'== {name}: skipped ({elapsed:.0f} s spent of --budget_s {args.budget_s:.0f})')
+                report['parts'][name] = {'skipped': f'budget spent after {elapsed:.0f} s'}
+                save()
+                continue
+            log(f'== {name} ==')
+            part_start = time.perf_counter()
+            try:
+                report['parts'][name] = table[name]()
+            except (Exception, SystemExit) as error:  # record it, go on with the next part
+                log(traceback.format_exc()[-3000:])
+                report['parts'][name] = {'error': f'{type(error).__name__}: {error}'[-3000:]}
+            report['parts'][name + '_s'] = time.perf_counter() - part_start
+            save()
+    failed = [n for n, part in report['parts'].items() if isinstance(part, dict) and 'error' in part]
+    log(f"gpu_check took {report['total_s']:.0f} s; numbers in {args.out}"
+        + (f'; FAILED: {", ".join(failed)}' if failed else ''))
+    if failed:
+        raise SystemExit(1)
     return report
 
 

@@ -3,8 +3,15 @@
 Every dataset, paper or demo, goes through TFDS (DESIGN.md). Splits are small enough (at most
 73,257 images of 32x32x3 uint8, 225 MB) to hold in host memory, which keeps evaluation a plain
 loop over a NumPy array and its order reproducible.
+
+Data prepared in TFDS's array_record format is read with ``tfds.data_source`` (random access,
+no TensorFlow); data in the default tfrecord format is read through ``tf.data`` and needs
+TensorFlow. Preparing any dataset, the digits included, needs TensorFlow (TFDS encodes the
+images with it). A machine without TensorFlow (a GPU image, say) reads data prepared elsewhere
+as array_record: ``benchmarks/prepare_device.py`` prepares the digits that way.
 """
 import dataclasses
+import importlib.util
 import os
 
 import jax.numpy as jnp
@@ -128,6 +135,40 @@ def _not_prepared_error(spec: DatasetSpec, data_dir_root: str) -> DatasetNotPrep
     )
 
 
+def tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _needs_tensorflow_error(spec: DatasetSpec, data_dir_root: str, what: str) -> UserError:
+    command = (
+        'python -c "import tensorflow_datasets as tfds; import zskt_jax.datasets; '
+        f"tfds.builder('{spec.tfds_name}', data_dir='DIR', file_format='array_record')"
+        '.download_and_prepare()"'
+    )
+    return DatasetNotPreparedError(
+        f"Dataset {spec.name!r} (TFDS '{spec.tfds_name}') in data_dir {data_dir_root!r}: "
+        f"{what} needs TensorFlow, which is not installed here. Prepare the data in TFDS's "
+        "array_record format on a machine with TensorFlow (for the digits: python "
+        "benchmarks/prepare_device.py; otherwise:\n"
+        f"  {command}\n"
+        "), copy DIR here and pass it as --config.data_dir (or $TFDS_DATA_DIR); array_record "
+        "data is read without TensorFlow."
+    )
+
+
+def _read_data_source(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split of array_record data through tfds.data_source (no TensorFlow), in the
+    stored order: the same examples in the same order as tf.data reads them."""
+    source = builder.as_data_source(split=split)
+    examples = source.__getitems__(range(len(source))) if len(source) else []
+    if not examples:
+        shape = builder.info.features["image"].shape
+        return np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32)
+    images = np.stack([np.asarray(example["image"], np.uint8) for example in examples])
+    labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
+    return images, labels
+
+
 def load_split(
     name: str, split: str, data_dir: str | os.PathLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +195,8 @@ def load_split(
     if not builder.is_prepared():
         if spec.name not in _OFFLINE_DATASETS:
             raise _not_prepared_error(spec, os.fspath(builder.data_dir_root))
+        if not tensorflow_installed():
+            raise _needs_tensorflow_error(spec, os.fspath(builder.data_dir_root), "preparing it")
         builder.download_and_prepare()
 
     known_splits = sorted(builder.info.splits.keys())
@@ -163,18 +206,26 @@ def load_split(
             f"{', '.join(known_splits)}."
         )
 
-    _hide_gpus_from_tensorflow()
-    dataset = builder.as_dataset(
-        split=split,
-        batch_size=-1,  # The whole split as one batch.
-        shuffle_files=False,
-        # TFDS interleaves 16 files at a time by default; 1 reads the shards one after the
-        # other, i.e. the stored order, whatever the number of shards.
-        read_config=tfds.ReadConfig(interleave_cycle_length=1),
-    )
-    examples = tfds.as_numpy(dataset)
-    images = np.asarray(examples["image"], dtype=np.uint8)
-    labels = np.asarray(examples["label"], dtype=np.int32)
+    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        images, labels = _read_data_source(builder, split)
+    elif not tensorflow_installed():
+        raise _needs_tensorflow_error(
+            spec, os.fspath(builder.data_dir_root),
+            f"reading its {builder.info.file_format.value} files",
+        )
+    else:
+        _hide_gpus_from_tensorflow()
+        dataset = builder.as_dataset(
+            split=split,
+            batch_size=-1,  # The whole split as one batch.
+            shuffle_files=False,
+            # TFDS interleaves 16 files at a time by default; 1 reads the shards one after the
+            # other, i.e. the stored order, whatever the number of shards.
+            read_config=tfds.ReadConfig(interleave_cycle_length=1),
+        )
+        examples = tfds.as_numpy(dataset)
+        images = np.asarray(examples["image"], dtype=np.uint8)
+        labels = np.asarray(examples["label"], dtype=np.int32)
     if images.shape[1:] != spec.image_shape:
         raise ValueError(
             f"Dataset {spec.name!r} split {split!r}: images of shape {images.shape[1:]}, "

@@ -20,11 +20,53 @@ logger = logging.getLogger('zskt_jax')
 def metric_writer(logdir: str, active: bool = True):
     """clu's TensorBoard writer for ``logdir`` (TensorFlow summaries, written through
     tf.io.gfile: gs:// too), asynchronous so that the training loop does not wait for the event
-    file. ``active=False`` (every process but 0): a writer that writes nothing."""
+    file. ``active=False`` (every process but 0): a writer that writes nothing.
+
+    clu's writers import TensorFlow. Without it (a GPU image with JAX alone) the events are
+    written by PyTorch's TensorBoard writer where torch is installed (local paths), else only
+    the progress lines and results.json report the run."""
+    from zskt_jax import data
+    if not data.tensorflow_installed():
+        return _TorchOrNoWriter(logdir if active else None)
     from clu import metric_writers
     if not active:
         return metric_writers.MultiWriter([])
     return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
+
+
+class _TorchOrNoWriter:
+    """The part of clu's MetricWriter interface the jobs use, without TensorFlow."""
+
+    def __init__(self, logdir: Optional[str]):
+        self._writer = None
+        if logdir is None:
+            return
+        try:
+            from torch.utils import tensorboard
+        except ImportError:
+            logger.warning('Neither TensorFlow nor torch is installed: no TensorBoard events '
+                           'are written (progress lines and results.json still are).')
+            return
+        self._writer = tensorboard.SummaryWriter(logdir)
+
+    def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
+        if self._writer is not None:
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, float(value), global_step=step)
+
+    def write_images(self, step: int, images: Dict[str, np.ndarray]) -> None:
+        if self._writer is not None:
+            for name, batch in images.items():  # [N, H, W, C] uint8, as clu takes them
+                self._writer.add_images(name, np.asarray(batch), global_step=step,
+                                        dataformats='NHWC')
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def image_grid(images: np.ndarray, mean, std, columns: int = 8) -> np.ndarray:
