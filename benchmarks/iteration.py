@@ -213,7 +213,8 @@ def time_jax(config, repeats: int, warmup: int, log=print):
 
     def step(state):
         state, metrics = compiled(state, teacher_variables, z_key)
-        # Block on each iteration, as training does (DESIGN.md: CPU collectives in a loop).
+        # Block on each iteration, as training does: on CPU, collectives dispatched in a loop
+        # without waiting can deadlock.
         jax.block_until_ready((state, metrics))
         return state, metrics
 

@@ -7,8 +7,8 @@ It can also be run by itself:
     python benchmarks/torch_baseline.py                       # WRN-40-2 -> WRN-16-1, batch 128
     python benchmarks/torch_baseline.py --repeats 3 --warmup 1 --json_out /tmp/torch.json
 
-What is faithful to the authors' ``solver.py`` / ``utils/loaders.py`` (REFERENCE.md, "How the
-authors' code spends its time"), because it decides the cost:
+What is faithful to the authors' ``solver.py`` / ``utils/loaders.py`` (docs/method.md, section "The
+authors' loop and its cost"), because it decides the cost:
 - At every one of the n_g + n_s updates the generator runs forward again, with gradients enabled
   (their ``LearnableLoader.__next__`` is called once per update, on the same z).
 - In the n_s student updates the images are NOT detached, so every student backward also

@@ -1,5 +1,5 @@
-"""Transition curves and Mean Transition Error (REFERENCE.md, "Belief matching"): a run's student
-(network A, attacked) against its teacher (network B).
+"""Transition curves and Mean Transition Error (docs/method.md, section "Belief matching"): a
+run's student (network A, attacked) against its teacher (network B).
 
     python run.py --config=configs/belief_default.py --config.student_workdir=runs/svhn \
         --workdir=runs/belief_svhn

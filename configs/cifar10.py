@@ -1,4 +1,4 @@
-"""Zero-shot distillation on CIFAR-10, the paper's setting (REFERENCE.md): WRN-40-2 -> WRN-16-1,
+"""Zero-shot distillation on CIFAR-10, the paper's setting (docs/method.md): WRN-40-2 -> WRN-16-1,
 N = 80,000 iterations, evaluated on the 10,000 test images every N/100 iterations.
 
 The six pairs of the paper's Table 1 are overrides, e.g.

@@ -1,4 +1,5 @@
-"""The paper's hyperparameters (REFERENCE.md). Dataset configs start here and change what differs."""
+"""The paper's hyperparameters (docs/method.md). Dataset configs start here and change what
+differs."""
 import ml_collections
 
 from configs import runtime
@@ -37,8 +38,8 @@ def get_config():
     config.grad_clip = 5.0            # global L2 norm, both networks
     config.beta = 250.0               # attention-transfer weight (student loss only)
 
-    # Stabilisers of the data-free methods after ZSKT (REFERENCE.md, "After the paper"). All off
-    # here and in every paper config: the paper's iteration, bit for bit (nothing is traced).
+    # Stabilisers of the data-free methods after ZSKT (docs/method.md, section "Stabilisers"). All
+    # off here and in every paper config: the paper's iteration, bit for bit (nothing is traced).
     config.adversarial_loss = 'kl'    # D(T, S) of both players: 'kl' (ZSKT) | 'l1' (DFAD's mean |logit diff|)
     config.bn_weight = 0.0            # DeepInversion/DFQ/CMI: ||running - batch|| of every teacher BN input, on G
     config.balance_weight = 0.0       # DAFL: sum_c p_c log p_c of the batch-mean teacher softmax, on G

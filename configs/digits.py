@@ -28,8 +28,8 @@ def get_config():
     # n_s = 4: 18% less time an iteration than 5 (the student's updates are ~80% of it) and every
     # seed 0-4 at 97% of two teachers (98.89%, 99.17%; README). n_s = 3 missed on seeds 1, 2.
     config.n_s = 4
-    # Stabilisers (REFERENCE.md, "After the paper"; weights in this project's loss scale, whose
-    # KL is averaged over batch x classes: 1/10 of the per-sample KL the later methods weigh).
+    # Stabilisers (docs/method.md, section "Stabilisers"; weights in this project's loss scale,
+    # whose KL is averaged over batch x classes: 1/10 of the per-sample KL the later methods weigh).
     config.bn_weight = 0.1            # DeepInversion / DFQ: the teacher's BN input statistics
     config.balance_weight = 2.0       # DAFL: every class keeps being generated
     config.one_hot_weight = 0.1       # DAFL / DFQ: confident teacher predictions

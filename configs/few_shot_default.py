@@ -1,4 +1,5 @@
-"""Few-shot KD+AT baseline, the paper's recipe (REFERENCE.md, "Few-shot baseline KD+AT").
+"""Few-shot KD+AT baseline, the paper's recipe (docs/method.md, section "Few-shot
+baseline KD+AT").
 
 Teacher and student as the zero-shot default (configs/default.py), the teacher's SGD recipe
 (configs/teacher_default.py); dataset configs start here and change what differs.
@@ -27,7 +28,7 @@ def get_config():
 
     config.images_per_class = 200     # M: the first M of each class after a seeded shuffle; -1 = all
     config.init_student_from = ''     # a zero-shot run's workdir: fine-tune its student ("ours + M")
-    # The schedule: as many iterations as the full-data run, whatever M (REFERENCE.md).
+    # The schedule: as many iterations as the full-data run, whatever M (docs/method.md).
     config.full_data_epochs = sgd.epochs  # epochs of the full-data run (SVHN 100, CIFAR-10 200)
     config.scale_iterations = 1.0     # the authors' scale_n_iters; 1 for the paper's numbers
     config.batch_size = sgd.batch_size

@@ -1,4 +1,4 @@
-"""Zero-shot distillation on SVHN, the paper's setting (REFERENCE.md): WRN-40-2 -> WRN-16-1,
+"""Zero-shot distillation on SVHN, the paper's setting (docs/method.md): WRN-40-2 -> WRN-16-1,
 N = 50,000 iterations, evaluated on the 26,032 test images every N/100 iterations.
 
 Every pair of the paper is an override away:

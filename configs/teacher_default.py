@@ -1,4 +1,4 @@
-"""Teacher training from scratch, the paper's recipe (REFERENCE.md, "Teachers")."""
+"""Teacher training from scratch, the paper's recipe (docs/method.md, section "Teachers")."""
 import ml_collections
 
 from configs import runtime

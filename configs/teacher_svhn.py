@@ -1,5 +1,5 @@
-"""SVHN teacher from scratch, the paper's recipe (REFERENCE.md, "Teachers"): 100 epochs of SGD
-(momentum 0.9, weight decay 5e-4, batch 128), lr 0.1 divided by 5 at 30%, 60% and 80% of the run
+"""SVHN teacher from scratch, the paper's recipe (docs/method.md, section "Teachers"): 100 epochs of
+SGD (momentum 0.9, weight decay 5e-4, batch 128), lr 0.1 divided by 5 at 30%, 60% and 80% of the run
 (epochs 30, 60, 80), no augmentation, on the 73,257 'train' images (not 'extra').
 
   python run.py --config=configs/teacher_svhn.py [--config.teacher.arch=WRN-16-2]

@@ -1,5 +1,5 @@
 """Run one configuration over seeds 0, 1, 2 and print mean +- std of the final accuracy, the
-paper's format (REFERENCE.md, "Evaluation": the FINAL iterate, mean +- std over 3 seeds).
+paper's format (docs/method.md, section "Evaluation": the FINAL iterate, mean +- std over 3 seeds).
 
   python scripts/seeds.py --config=configs/cifar10.py --workdir=runs/cifar10_40-2_16-2 \\
       --config.student.arch=WRN-16-2

@@ -1,5 +1,5 @@
 """benchmarks/: the iteration benchmark runs end to end (JAX and the PyTorch baseline) and prints
-what it promises; the baseline's networks are the paper's. Speed is never asserted (DESIGN.md)."""
+what it promises; the baseline's networks are the paper's. Speed is never asserted in a test."""
 import json
 import os
 import re
@@ -81,7 +81,7 @@ def import_torch_baseline():
 
 def test_torch_baseline_networks_have_the_papers_parameter_counts():
     _, torch_baseline = import_torch_baseline()
-    # REFERENCE.md, "WideResNet" and "Generator".
+    # docs/method.md, sections "WideResNet" and "Generator".
     expected = {'WRN-16-1': 175_066, 'WRN-16-2': 691_674, 'WRN-40-1': 563_930,
                 'WRN-40-2': 2_243_546}
     for arch, count in expected.items():
@@ -90,8 +90,9 @@ def test_torch_baseline_networks_have_the_papers_parameter_counts():
 
 
 def test_torch_baseline_keeps_the_authors_extra_work():
-    """The costs REFERENCE.md lists: teacher weights get gradients in the generator update, the
-    student updates back-propagate into the generator, the teacher runs once for them."""
+    """The costs docs/method.md lists (section "The authors' loop and its cost"): teacher weights
+    get gradients in the generator update, the student updates back-propagate into the generator,
+    the teacher runs once for them."""
     torch, torch_baseline = import_torch_baseline()
     iteration = torch_baseline.AuthorsIteration(
         'WRN-10-1', 'WRN-10-1', base_width=4, batch_size=4, generator_hidden=8, n_g=1, n_s=2)

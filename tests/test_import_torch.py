@@ -1,6 +1,6 @@
 """Parity with the authors' PyTorch code: importing their teachers, and one zero-shot iteration.
 
-The PyTorch networks below are written from REFERENCE.md's description of the authors' code (the
+The PyTorch networks below are written from docs/method.md's description of the authors' code (the
 WideResNet with its pre-activation BasicBlock / NetworkBlock, and the generator), and the
 PyTorch iteration is the authors' loop: Adam, clip_grad_norm_(5), loss_G = -KL averaged over
 B * C, loss_S = KL + beta * AT with their attention maps. PyTorch is only a test dependency
@@ -28,7 +28,7 @@ torch.set_num_threads(1)  # 2 OpenMP threads on a busy 2-core machine run ~30x s
 
 
 # ----------------------------------------------------------------------------------------------
-# The authors' networks, in PyTorch (REFERENCE.md, "WideResNet" and "Generator").
+# The authors' networks, in PyTorch (docs/method.md, sections "WideResNet" and "Generator").
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes, out_planes, stride):

@@ -1,4 +1,4 @@
-"""Loss values against NumPy computations written here from REFERENCE.md."""
+"""Loss values against NumPy computations written here from docs/method.md, section "Losses"."""
 import numpy as np
 import jax.numpy as jnp
 
@@ -79,7 +79,7 @@ def test_kd_at_loss():
 
 
 # ---------------------------------------------------------------------------------------------
-# The later methods' stabilisers (REFERENCE.md, "After the paper"), against NumPy.
+# The later methods' stabilisers (docs/method.md, section "Stabilisers"), against NumPy.
 
 def test_mean_absolute_difference_is_dfad_l1():
     rng = np.random.default_rng(3)

@@ -1,4 +1,4 @@
-"""Parameter counts and structure of the WideResNets and the generator (REFERENCE.md)."""
+"""Parameter counts and structure of the WideResNets and the generator (docs/method.md)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +59,7 @@ def test_generator_output_is_batch_normalised():
 
 
 def test_batchnorm_running_variance_is_unbiased():
-    """PyTorch updates running_var with the unbiased batch variance (REFERENCE.md)."""
+    """PyTorch updates running_var with the unbiased batch variance (docs/method.md)."""
     from zskt_jax.models.layers import BatchNorm
     x = jax.random.normal(jax.random.key(0), (4, 2, 2, 3)) * 3 + 1
     bn = BatchNorm(use_running_average=False)

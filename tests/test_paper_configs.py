@@ -1,4 +1,4 @@
-"""The paper's configurations (REFERENCE.md): zero-shot SVHN / CIFAR-10 / CIFAR-100, the teacher
+"""The paper's configurations (docs/method.md): zero-shot SVHN / CIFAR-10 / CIFAR-100, the teacher
 recipes, the six teacher -> student pairs as command-line overrides, and scripts/seeds.py."""
 import functools
 import json
@@ -18,7 +18,8 @@ from zskt_jax.models import build_wide_resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# REFERENCE.md, "WideResNet": parameter counts, and the pairs studied (teacher -> student).
+# docs/method.md, section "WideResNet": parameter counts, and the pairs studied
+# (teacher -> student).
 PARAMETERS = {'WRN-16-1': 175_066, 'WRN-16-2': 691_674, 'WRN-40-1': 563_930,
               'WRN-40-2': 2_243_546}
 PAIRS = [('WRN-16-2', 'WRN-16-1'), ('WRN-40-1', 'WRN-16-1'), ('WRN-40-2', 'WRN-16-1'),
@@ -103,7 +104,7 @@ def test_every_pair_by_override(name, teacher_arch, student_arch):
         counts[role + '_spatial'] = spatial
     assert counts['teacher'] == PARAMETERS[teacher_arch]
     assert counts['student'] == PARAMETERS[student_arch]
-    # beta > 0 needs groups of equal spatial sizes (REFERENCE.md): true for every pair.
+    # beta > 0 needs groups of equal spatial sizes (docs/method.md): true for every pair.
     assert counts['teacher_spatial'] == counts['student_spatial'] == [(32, 32), (16, 16), (8, 8)]
     assert common.teacher_dir(config) == os.path.join(
         'runs', f'teacher_{config.dataset}_{teacher_arch}', 'teacher')

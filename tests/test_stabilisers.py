@@ -1,6 +1,6 @@
 """The later data-free methods' stabilisers as options of the one compiled zero-shot iteration:
 off, the paper's iteration is unchanged and none of their work is traced; on, each term is the
-one REFERENCE.md describes, the teacher stays frozen, and the replay memory is state (its
+one docs/method.md describes, the teacher stays frozen, and the replay memory is state (its
 bitwise resume: tests/test_checkpoints.py, which runs configs/digits.py; 8 vs 1 device:
 tests/test_parallel.py)."""
 import jax

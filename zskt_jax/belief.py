@@ -1,5 +1,5 @@
-"""Belief matching: transition curves and the Mean Transition Error (REFERENCE.md, "Belief
-matching"; paper Section 4.4, Table 2, Figure 4).
+"""Belief matching: transition curves and the Mean Transition Error (docs/method.md, section
+"Belief matching"; paper Section 4.4, Table 2, Figure 4).
 
 Network A (attacked: a student from a zero-shot or few-shot run) and network B (the reference:
 that run's teacher), both in inference mode. For each of the first ``num_images`` test images (in
@@ -220,7 +220,8 @@ def make_attack_fn(model_a, model_b, dataset: str, num_steps: int, step_size: fl
             model_a.apply, model_b.apply, variables_a, variables_b, x, targets, step_size),
         mesh, (P(), P(), batch, batch), (batch, batch, batch)))
     stack = jax.jit(lambda curves: jnp.stack(curves, axis=1))  # K x [P] -> [P, K]
-    block = jax.default_backend() == 'cpu'  # DESIGN.md: wait on each call in CPU loops
+    # On CPU, collectives dispatched in a loop without waiting can deadlock: wait on each call.
+    block = jax.default_backend() == 'cpu'
 
     def attack(variables_a, variables_b, images, targets):
         x = normalize(images)

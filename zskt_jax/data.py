@@ -1,6 +1,6 @@
 """Datasets: what each one is, whole TFDS splits in memory, normalisation, host sharding.
 
-Every dataset, paper or demo, goes through TFDS (DESIGN.md). Splits are small enough (at most
+Every dataset, paper or demo, goes through TFDS. Splits are small enough (at most
 73,257 images of 32x32x3 uint8, 225 MB) to hold in host memory, which keeps evaluation a plain
 loop over a NumPy array and its order reproducible.
 
@@ -62,7 +62,7 @@ DATASETS: dict[str, DatasetSpec] = {
             mean=(0.3054, 0.3054, 0.3054),
             std=(0.3760, 0.3760, 0.3760),
         ),
-        # REFERENCE.md, Evaluation. SVHN's 'extra' split is not used.
+        # docs/method.md, section "Evaluation". SVHN's 'extra' split is not used.
         DatasetSpec(
             name="svhn",
             tfds_name="svhn_cropped",
@@ -71,7 +71,7 @@ DATASETS: dict[str, DatasetSpec] = {
             mean=(0.4377, 0.4438, 0.4728),
             std=(0.1980, 0.2010, 0.1970),
         ),
-        # REFERENCE.md, Evaluation.
+        # docs/method.md, section "Evaluation".
         DatasetSpec(
             name="cifar10",
             tfds_name="cifar10",

@@ -1,5 +1,5 @@
-"""The few-shot KD+AT baseline (REFERENCE.md, "Few-shot baseline KD+AT"), and the paper's
-"ours + M": the same job started from a zero-shot student (``config.init_student_from``).
+"""The few-shot KD+AT baseline (docs/method.md, section "Few-shot baseline KD+AT"), and the
+paper's "ours + M": the same job started from a zero-shot student (``config.init_student_from``).
 
 The student learns from M images per class (M = -1: the whole training set) with
 loss = (1 - alpha) CE + 2 alpha tau^2 KL_mean + beta AT (losses.kd_at_loss), the teacher's SGD
@@ -38,7 +38,7 @@ logger = reporting.logger
 def sample_per_class(labels: np.ndarray, images_per_class: int, seed: int,
                      num_classes: int) -> np.ndarray:
     """Indices of the first M images of each class after a seeded shuffle of the training set
-    (REFERENCE.md), in that shuffled order; M = -1: every index (in the stored order)."""
+    (docs/method.md), in that shuffled order; M = -1: every index (in the stored order)."""
     labels = np.asarray(labels)
     if images_per_class < 0:
         return np.arange(len(labels))
@@ -108,7 +108,7 @@ def make_train_step(student_model, teacher_model, config, total_iterations: int,
         # The teacher's milestones (fractions of the run), in iterations of this run.
         lr = step_learning_rate(config.learning_rate, state.step, total_iterations,
                                 config.lr_milestones, config.lr_decay)
-        # Teacher: inference-mode BN, frozen (REFERENCE.md, "BatchNorm modes").
+        # Teacher: inference-mode BN, frozen (docs/method.md, section "BatchNorm modes").
         teacher_logits, teacher_activations = teacher_model.apply(teacher_variables, x,
                                                                   train=False)
 
@@ -202,7 +202,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     train_images, train_labels = common.load_split(config, info.train_split)
     subset = sample_per_class(train_labels, config.images_per_class, config.seed,
                               info.num_classes)
-    # The full-data run's iterations, whatever M (REFERENCE.md).
+    # The full-data run's iterations, whatever M (docs/method.md).
     total_iterations = num_iterations(config, len(train_labels))
     train_images, train_labels = train_images[subset], train_labels[subset]
     logger.info('KD+AT on %d training images (M = %d per class), %d iterations of batch %d '
@@ -253,7 +253,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         evaluate(total_iterations, end.state)  # resumed from the last checkpoint
     results = {
         'job': 'few_shot',
-        # The FINAL iterate is the reported result (REFERENCE.md, "Evaluation").
+        # The FINAL iterate is the reported result (docs/method.md, section "Evaluation").
         'student_accuracy': run.history[-1]['student_accuracy'],
         'teacher_accuracy': teacher_accuracy, 'images_per_class': config.images_per_class,
         'train_images': int(len(subset)), 'iterations': total_iterations,

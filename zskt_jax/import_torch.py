@@ -1,5 +1,5 @@
-"""Import the authors' published PyTorch teachers (REFERENCE.md, "The official PyTorch
-checkpoints").
+"""Import the authors' published PyTorch teachers (docs/method.md, section "The
+authors' checkpoints").
 
     pip install torch==2.13.0   # only this command needs PyTorch (a CPU build is enough)
     python -m zskt_jax.import_torch --checkpoint=pretrained/svhn/WRN-40-2/last.pth.tar \\
@@ -51,7 +51,8 @@ class TensorSpec(NamedTuple):
 
 
 def torch_layout(arch: str, num_classes: int, base_width: int = 16) -> List[TensorSpec]:
-    """The tensors of the authors' WRN-depth-k state dict, in its order (REFERENCE.md):
+    """The tensors of the authors' WRN-depth-k state dict, in its order (docs/method.md,
+    section "The authors' checkpoints"):
     conv1; block{g}.layer.{i}.{bn1, conv1, bn2, conv2, convShortcut}; bn1; fc."""
     depth, width = parse_arch(arch)
     blocks_per_group = (depth - 4) // 6

@@ -1,4 +1,5 @@
-"""Losses of ZSKT and of the KD+AT baseline, with the authors' exact scaling (REFERENCE.md, "Losses").
+"""Losses of ZSKT and of the KD+AT baseline, with the authors' exact scaling (docs/method.md,
+section "Losses").
 
 All functions take per-device arrays and return means over the local batch; the step averages
 them across devices with ``pmean``.
@@ -47,7 +48,7 @@ def attention_transfer(student_activations: Sequence, teacher_activations: Seque
 
 
 def generator_loss(teacher_logits, student_logits, discrepancy=kl_divergence):
-    """The generator maximises KL(T || S): loss_G = -KL. No attention term (REFERENCE.md).
+    """The generator maximises KL(T || S): loss_G = -KL. No attention term (docs/method.md).
     ``discrepancy``: another D(T, S) in place of the KL (``adversarial_discrepancy``)."""
     return -discrepancy(teacher_logits, student_logits)
 
@@ -69,7 +70,7 @@ def cross_entropy(logits, labels):
 
 def kd_at_loss(student_logits, teacher_logits, labels, student_activations, teacher_activations,
                alpha: float, temperature: float, beta: float):
-    """Few-shot KD+AT baseline: (1 - alpha) CE + 2 alpha tau^2 KL_mean + beta AT (REFERENCE.md).
+    """Few-shot KD+AT baseline: (1 - alpha) CE + 2 alpha tau^2 KL_mean + beta AT (docs/method.md).
 
     KL_mean is the same batch*classes mean as above, at temperature tau; the factor 2 is the
     released code's. Returns (loss, ce, kl, at).
@@ -82,8 +83,8 @@ def kd_at_loss(student_logits, teacher_logits, labels, student_activations, teac
 
 
 # ---------------------------------------------------------------------------------------------
-# Stabilisers of the later data-free methods (REFERENCE.md, "After the paper"). None is part of
-# ZSKT; each is a config field, off in the paper configs.
+# Stabilisers of the later data-free methods (docs/method.md, section "Stabilisers"). None is part
+# of ZSKT; each is a config field, off in the paper configs.
 
 def mean_absolute_difference(teacher_logits, student_logits):
     """DFAD's discrepancy: mean over batch and classes of |logit_T - logit_S| (the L1 criterion,

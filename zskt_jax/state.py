@@ -16,7 +16,8 @@ class TrainState:
 
     ``step`` counts ITERATIONS (not optimizer updates): the learning rate of every update of an
     iteration is a function of it, so the cosine schedule is stepped once per iteration
-    (REFERENCE.md, Algorithm 1 step 4). Adam keeps its own update count for bias correction.
+    (docs/method.md, section "One iteration (Algorithm 1)", step 4). Adam keeps its own update
+    count for bias correction.
     """
     step: jax.Array
     params: Any
@@ -75,6 +76,6 @@ def create_state(module, init_key, sample_input, tx, **apply_kwargs) -> TrainSta
 
 
 def cosine_learning_rate(base_lr: float, iteration, num_iterations: int):
-    """lr_k = lr_0 * 0.5 * (1 + cos(pi * k / N)), k the iteration index (REFERENCE.md)."""
+    """lr_k = lr_0 * 0.5 * (1 + cos(pi * k / N)), k the iteration index (docs/method.md)."""
     progress = jnp.asarray(iteration, jnp.float32) / num_iterations
     return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))

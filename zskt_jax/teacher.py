@@ -1,5 +1,6 @@
-"""Teacher training from scratch (REFERENCE.md, "Teachers"): SGD with momentum and weight decay,
-lr divided by 5 at 30%, 60% and 80% of the run, optional crop/flip augmentation done on device.
+"""Teacher training from scratch (docs/method.md, section "Teachers"): SGD with momentum and
+weight decay, lr divided by 5 at 30%, 60% and 80% of the run, optional crop/flip augmentation done
+on device.
 
 Writes ``{workdir}/teacher`` (variables + teacher.json), the directory the zero-shot job loads.
 """

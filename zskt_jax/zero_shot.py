@@ -28,8 +28,8 @@ class Models(NamedTuple):
 
 
 class Stabilisers(NamedTuple):
-    """The terms that the data-free methods after ZSKT add to its loop (REFERENCE.md, "After the
-    paper"), read from the config. The defaults are the paper's loop: nothing added, nothing
+    """The terms that the data-free methods after ZSKT add to its loop (docs/method.md, section
+    "Stabilisers"), read from the config. The defaults are the paper's loop: nothing added, nothing
     traced. Each weight scales a term of the GENERATOR's loss; replay changes the student's batch.
     """
     adversarial_loss: str = 'kl'    # D(T, S) of both players: 'kl' (ZSKT) | 'l1' (DFAD)
@@ -140,7 +140,8 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
     device's rows of the iteration's replay indices, and returns the updated memory:
     (..., z, memory, replay_indices [R_local]) -> (generator, student, metrics, memory).
     Losses are ``pmean``-ed over the ``data`` axis before differentiation, so gradients are the
-    global-batch average whatever the device count (DESIGN.md, shard_map pitfall).
+    global-batch average whatever the device count (the gradient of each device's own loss,
+    summed by shard_map, would be multiplied by the device count).
     ``unroll``: trace the n_g and n_s updates one after another instead of as a ``lax.scan``
     (see ``repeat``); the result is the same. Stabilisers with weight 0 are not traced at all.
     """
@@ -159,7 +160,7 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
         return outputs, sown[INPUT_MOMENTS]
 
     def student_forward(params, batch_stats, x):
-        # Training-mode BatchNorm: its running statistics move at every forward (REFERENCE.md).
+        # Training-mode BatchNorm: its running statistics move at every forward (docs/method.md).
         (logits, activations), updated = models.student.apply(
             {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats'])
         return logits, activations, updated['batch_stats']
@@ -510,7 +511,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     final = run.history[-1]
     results = {
         'job': 'zero_shot',
-        # The FINAL iterate is the reported result (REFERENCE.md, "Evaluation"), not the best.
+        # The FINAL iterate is the reported result (docs/method.md, section "Evaluation"), not
+        # the best.
         'student_accuracy': final['student_accuracy'],  # mean over seeds
         'teacher_accuracy': teacher_accuracy, 'iterations': config.num_iterations,
         'final_train_metrics': end.metrics, 'seeds': seeds, 'teacher_path': teacher_path,

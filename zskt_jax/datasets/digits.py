@@ -1,6 +1,6 @@
 """TFDS builder for scikit-learn's bundled handwritten digits, served as RGB at 32x32 or 16x16.
 
-The offline default dataset of the project (DESIGN.md): 1,797 real 8x8 scans with grey levels
+The offline default dataset of the project: 1,797 real 8x8 scans with grey levels
 0..16 that ship inside scikit-learn, so preparing it needs no network. As a TFDS dataset the
 digits demo goes through exactly the same loading path as SVHN and CIFAR-10
 (`zskt_jax.data.load_split`).

@@ -1,4 +1,5 @@
-"""The paper's generator (REFERENCE.md, "Generator"; 1,051,145 parameters at the defaults)."""
+"""The paper's generator (docs/method.md, section "Generator"; 1,051,145 parameters at the
+defaults)."""
 from typing import Any, Optional
 
 import jax

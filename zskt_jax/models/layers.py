@@ -30,8 +30,9 @@ def torch_uniform(fan_in: int, scale: float = 1.0):
 class BatchNorm(nn.Module):
     """PyTorch-faithful BatchNorm over the last (channel) axis.
 
-    Differences from ``flax.linen.BatchNorm`` that REFERENCE.md cares about: the running variance
-    is updated with the UNBIASED batch variance (n / (n - 1)), as torch does. With ``axis_name``
+    Differences from ``flax.linen.BatchNorm`` (docs/method.md, section "BatchNorm modes"): the
+    running variance is updated with the UNBIASED batch variance (n / (n - 1)), as torch does. With
+    ``axis_name``
     the batch statistics are averaged over that mesh axis (cross-device BatchNorm), so that the
     function computed does not depend on the number of devices. Statistics are computed in
     float32 whatever the activation dtype.
@@ -59,7 +60,7 @@ class BatchNorm(nn.Module):
             mean, var = ra_mean.value, ra_var.value
             if self.is_mutable_collection(INPUT_MOMENTS) and not self.is_initializing():
                 # The batch moments of this layer's INPUT, for BatchNorm-statistics matching
-                # (DeepInversion; REFERENCE.md, "After the paper"): computed only when the
+                # (DeepInversion; docs/method.md, section "Stabilisers"): computed only when the
                 # caller asks for them, normalisation still uses the running statistics.
                 self.sow(INPUT_MOMENTS, 'moments', self.batch_moments(x, features)[:2])
         else:

@@ -1,9 +1,9 @@
 """WideResNet WRN-depth-k (Zagoruyko & Komodakis) exactly as the ZSKT authors' code builds it.
 
 NHWC. Returns the logits and the raw outputs of the three groups (before the head's BN/ReLU),
-which attention transfer compares (REFERENCE.md, "WideResNet"). Module names follow the PyTorch
-state-dict keys (``block{g}.layer.{i}.bn1`` -> ``block{g}/layer_{i}/bn1``) so that importing the
-authors' checkpoints is a renaming.
+which attention transfer compares (docs/method.md, section "WideResNet"). Module names follow
+the PyTorch state-dict keys (``block{g}.layer.{i}.bn1`` -> ``block{g}/layer_{i}/bn1``) so that
+importing the authors' checkpoints is a renaming.
 """
 import re
 from typing import Any, Optional, Sequence, Tuple
@@ -14,7 +14,7 @@ import flax.linen as nn
 from zskt_jax.errors import ConfigError
 from zskt_jax.models.layers import BatchNorm, chunked_weight_grad_conv
 
-# He init, fan-out: N(0, sqrt(2 / (k * k * out_channels))) (REFERENCE.md, "Init").
+# He init, fan-out: N(0, sqrt(2 / (k * k * out_channels))) (docs/method.md, section "WideResNet").
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # 3x3 convs pad 1 on every side; 'SAME' pads asymmetrically at stride 2 and does not match torch.
 PAD1 = ((1, 1), (1, 1))
@@ -53,7 +53,7 @@ class BasicBlock(nn.Module):
         equal_in_out = x.shape[-1] == self.out_channels
         activated = nn.relu(norm('bn1')(x))
         if not equal_in_out:
-            # The first block of a group: the shortcut sees the ACTIVATED input (REFERENCE.md).
+            # The first block of a group: the shortcut sees the ACTIVATED input (docs/method.md).
             x = activated
         out = conv(self.out_channels, 3, self.stride, PAD1, 'conv1')(activated)
         out = nn.relu(norm('bn2')(out))
