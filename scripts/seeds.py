@@ -20,9 +20,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import run  # noqa: E402,F401  (defines --config, --workdir, --verbose exactly as run.py)
-from zskt_jax import errors, launch  # noqa: E402
+from zskt_jax import cli  # noqa: F401  (defines --config, --workdir, --verbose exactly as run.py)
+from zskt_jax import errors, launch
 
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run (config.seed of each run); seed i '
                   'runs in {workdir}/seed_{i}.')
@@ -132,11 +131,11 @@ def summarise_seeds():
     import jax
     launch.setup_logging()
     config = FLAGS.config
-    workdir = FLAGS.workdir or launch.default_workdir(
-        config, config_flags.get_config_filename(FLAGS['config']))
+    config_path = config_flags.get_config_filename(FLAGS['config'])
+    workdir = FLAGS.workdir or launch.default_workdir(config, config_path)
     seeds = [int(s) for s in FLAGS.seeds]
     if config.job == 'zero_shot':
-        launch.train_teacher_if_missing(config)
+        launch.train_teacher_if_missing(config, config_path)
     values = run_seeds(config, workdir, seeds, launch.run_job, FLAGS.metric)
     lines = summary_lines(values, FLAGS.metric, workdir)
     if jax.process_index() == 0:
@@ -146,5 +145,6 @@ def summarise_seeds():
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
+    sys.argv[1:] = launch.resolve_config_argv(sys.argv[1:])  # --config from any directory
     launch.check_overrides_or_exit(sys.argv[1:])  # an unknown --config.FIELD fails early, named
     app.run(main)

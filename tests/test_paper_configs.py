@@ -217,8 +217,8 @@ def test_seeds_refuses_results_of_another_run(seeds_module, tmp_path):
 
 @pytest.mark.parametrize('get_config,unit', [
     (default.get_config, 'iterations'), (teacher_default.get_config, 'epochs'),
-    (lambda: launch.load_config_file(os.path.join(launch.PROJECT_ROOT, 'configs',
-                                                  'few_shot_default.py')), 'iterations')])
+    (lambda: launch.load_config_file(os.path.join(ROOT, 'configs', 'few_shot_default.py')),
+     'iterations')])
 def test_runtime_fields_are_the_shared_ones_with_their_unit(get_config, unit):
     """Cadence, checkpoints and precision come from configs/runtime.py in every training job,
     the cadence named with the job's unit; none of them must match on resume, everything else

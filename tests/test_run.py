@@ -162,8 +162,9 @@ def test_zero_shot_iterations_transfer_nothing_between_host_and_device(
 
 def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_path, monkeypatch):
     """The recipe trains the teacher the distillation will load: the config's dataset, data
-    dir, teacher network and precision replace the recipe's own; the recipe's path is read
-    relative to the project whatever the current directory."""
+    dir, teacher network and precision replace the recipe's own; the recipe's path
+    ('configs/teacher_digits.py') is found in the configs package whatever the current directory
+    (tests/test_install.py: next to the config file that names it)."""
     from zskt_jax import launch
     from configs import digits
     config = digits.get_config()

@@ -1,6 +1,13 @@
 """Launching a job: multi-process start-up, the config file and its overrides, the teacher
-recipe, logging, then the job's ``train_and_evaluate(config, workdir)``. ``run.py`` holds only
-the flags and calls ``main``; ``scripts/seeds.py`` and the tests use the pieces.
+recipe, logging, then the job's ``train_and_evaluate(config, workdir)``. ``zskt_jax/cli.py`` (the
+``zskt-jax`` command, ``python -m zskt_jax`` and ``run.py``) holds only the flags and calls
+``main``; ``scripts/seeds.py`` and the tests use the pieces.
+
+Config files are found without the current directory mattering where it can: a ``--config``
+path that does not exist as given is looked up in the ``configs`` package (``configs/digits.py``
+or ``digits.py`` from any directory once the project is installed), and a relative teacher recipe
+is read next to the config file that named it, else from the ``configs`` package
+(``find_config_file``, ``find_recipe``).
 """
 import glob
 import logging
@@ -47,18 +54,80 @@ def load_config_file(path: str):
     return module.get_config()
 
 
+def configs_dir():
+    """The directory of the ``configs`` package (the checkout's, or the installed copy's), or
+    None where there is none."""
+    try:
+        import configs
+    except ImportError:
+        return None
+    return os.path.dirname(os.path.abspath(configs.__file__))
+
+
+def _in_configs_package(path: str):
+    """Where a relative ``path`` would be in the configs package: 'configs/x.py' (the form the
+    configs themselves use, relative to the directory holding the package) and 'x.py'."""
+    if os.path.isabs(path) or configs_dir() is None:
+        return []
+    places = []
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) > 1 and parts[0] == 'configs':
+        places.append(os.path.join(configs_dir(), *parts[1:]))
+    places.append(os.path.join(configs_dir(), path))
+    return places
+
+
+def find_config_file(path: str) -> str:
+    """``path`` itself where it exists (a command-line path: relative to the current directory),
+    else the same relative path in the configs package; ``path`` unchanged when neither exists
+    (the loader then says it does not)."""
+    if os.path.exists(path):
+        return path
+    return next((p for p in _in_configs_package(path) if os.path.isfile(p)), path)
+
+
+def find_recipe(recipe: str, config_path=None) -> str:
+    """The file of a teacher recipe: an absolute path as is; a relative one next to the config
+    file that named it (``config_path``), else in the configs package ('configs/teacher_digits.py'
+    as the configs name theirs, or 'teacher_digits.py'). Never the current directory."""
+    if os.path.isabs(recipe):
+        places = [recipe]
+    else:
+        places = [os.path.join(os.path.dirname(os.path.abspath(config_path)), recipe)
+                  ] if config_path else []
+        places += _in_configs_package(recipe)
+    for place in places:
+        if os.path.isfile(place):
+            return place
+    raise errors.ConfigError(f'teacher recipe {recipe!r} (config.teacher.recipe) not found; '
+                             f'looked at {", ".join(places)}')
+
+
+def resolve_config_argv(argv):
+    """``argv`` with the path of ``--config=PATH`` (or ``--config PATH``) replaced by the file
+    ``find_config_file`` finds, so that ``--config=configs/digits.py`` works from any directory
+    with the project installed."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith('--config='):
+            argv[i] = '--config=' + find_config_file(arg[len('--config='):])
+        elif arg == '--config' and i + 1 < len(argv):
+            argv[i + 1] = find_config_file(argv[i + 1])
+    return argv
+
+
 # What a teacher recipe takes from the config that asked for it: the data it must classify and
 # the network the distillation will load (a recipe's own values would train another teacher).
 TEACHER_RECIPE_OVERRIDES = ('dataset', 'data_dir', 'teacher.arch', 'teacher.base_width',
                             'teacher.checkpoint', 'compute_dtype')
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def teacher_recipe_config(config):
-    """The config of ``config.teacher.recipe`` (a path relative to the project, or absolute),
-    with the fields of TEACHER_RECIPE_OVERRIDES taken from ``config``."""
+def teacher_recipe_config(config, config_path=None):
+    """The config of ``config.teacher.recipe`` (found by ``find_recipe``: next to the config
+    file ``config_path``, else in the configs package), with the fields of
+    TEACHER_RECIPE_OVERRIDES taken from ``config``."""
     recipe = config.teacher.recipe
-    teacher_config = load_config_file(os.path.join(PROJECT_ROOT, recipe))
+    teacher_config = load_config_file(find_recipe(recipe, config_path))
     with teacher_config.unlocked():
         for dotted in TEACHER_RECIPE_OVERRIDES:
             *sections, field = dotted.split('.')
@@ -69,14 +138,15 @@ def teacher_recipe_config(config):
     return teacher_config
 
 
-def train_teacher_if_missing(config):
-    """The embedded default trains its own teacher first (``config.teacher.recipe``), for this
-    config's dataset and teacher network. Returns the teacher job's results, or None."""
+def train_teacher_if_missing(config, config_path=None):
+    """The embedded default trains its own teacher first (``config.teacher.recipe``, read
+    relative to ``config_path``, the config file), for this config's dataset and teacher
+    network. Returns the teacher job's results, or None."""
     from zskt_jax import common
     recipe = config.teacher.get('recipe', '')
     if not recipe or epath.Path(common.teacher_dir(config), 'teacher.json').exists():
         return None
-    teacher_config = teacher_recipe_config(config)
+    teacher_config = teacher_recipe_config(config, config_path)
     workdir = os.path.dirname(paths.absolute(common.teacher_dir(config)))
     logging.getLogger('zskt_jax').info('No teacher at %s: training one with %s first.',
                                        common.teacher_dir(config), recipe)
@@ -178,7 +248,7 @@ def _main(config, config_path, workdir, coordinator_address, num_processes, proc
     workdir = workdir or default_workdir(config, config_path)
     results = None
     if config.job in ('zero_shot', 'few_shot'):
-        results = train_teacher_if_missing(config)
+        results = train_teacher_if_missing(config, config_path)
     if not (results and 'stopped_at' in results):  # a teacher stopped mid-way: rerun to go on
         results = run_job(config, workdir)
     import jax
@@ -192,6 +262,7 @@ def _main(config, config_path, workdir, coordinator_address, num_processes, proc
 def check_overrides(argv) -> None:
     """Fail early, naming the field, when a --config.FIELD override names no field of the config
     (ml_collections would otherwise fail with a bare AttributeError deep in flag parsing)."""
+    argv = resolve_config_argv(argv)
     config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     if config_path is None:
         return
