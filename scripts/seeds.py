@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run  # noqa: E402,F401  (defines --config, --workdir, --verbose exactly as run.py)
-from zskt_jax import errors, launch  # noqa: E402
+from zskt_jax import errors, launch, validation  # noqa: E402
 
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run (config.seed of each run); seed i '
                   'runs in {workdir}/seed_{i}.')
@@ -135,6 +135,7 @@ def summarise_seeds():
     workdir = FLAGS.workdir or launch.default_workdir(
         config, config_flags.get_config_filename(FLAGS['config']))
     seeds = [int(s) for s in FLAGS.seeds]
+    validation.check(config, workdir)  # every field and the workdir, before any seed runs
     if config.job == 'zero_shot':
         launch.train_teacher_if_missing(config)
     values = run_seeds(config, workdir, seeds, launch.run_job, FLAGS.metric)
