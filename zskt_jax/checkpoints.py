@@ -32,6 +32,40 @@ class CheckpointMismatchError(UserError, ValueError):
     pass
 
 
+def _is_stray_wake_up(unraisable) -> bool:
+    """The error TensorStore reports when a read finishes after the event loop that awaited it
+    was closed: ``RuntimeError('Event loop is closed')`` from asyncio's ``call_soon_threadsafe``."""
+    import traceback
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    return (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == 'Event loop is closed'
+            and bool(frames) and frames[-1].name == '_check_closed'
+            and 'asyncio' in frames[-1].filename)
+
+
+def ignore_reads_left_by_a_failed_restore() -> None:
+    """Keep the reads that a failed restore leaves behind from printing tracebacks.
+
+    Orbax runs a restore in an event loop of its own and closes it as soon as one read fails
+    (a corrupted checkpoint); TensorStore's other reads of that restore finish later and try to
+    wake the closed loop, each printing a ``RuntimeError: Event loop is closed`` traceback (up
+    to the process's exit) after the error was already reported. Nothing is left to do for
+    them and closing the checkpointer does not cancel them, so this ``sys.unraisablehook``
+    drops exactly that error and hands every other one to the hook before it. Installed once.
+    """
+    import sys
+    previous = sys.unraisablehook
+    if getattr(previous, 'drops_stray_wake_ups', False):
+        return
+
+    def hook(unraisable):
+        if not _is_stray_wake_up(unraisable):
+            previous(unraisable)
+
+    hook.drops_stray_wake_ups = True
+    sys.unraisablehook = hook
+
+
 def barrier(name: str) -> None:
     """Every process waits here for the others (after a write by process 0 that they read)."""
     if jax.process_count() > 1:
@@ -73,9 +107,11 @@ def load_teacher(path: str, make_hint: str = ''):
         raise TeacherNotFoundError(
             f'No teacher checkpoint at {path} (expected {meta_path} and variables/).'
             + (f' Make one with:\n  {make_hint}' if make_hint else ''))
+    ignore_reads_left_by_a_failed_restore()
     try:
         meta = json.loads(meta_path.read_text())
-        variables = ocp.StandardCheckpointer().restore(os.path.join(path, 'variables'))
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(os.path.join(path, 'variables'))
     except Exception as error:  # noqa: BLE001 - whatever Orbax/TensorStore/json raise for it
         raise TeacherCorruptedError(
             f'The teacher at {path} cannot be read ({type(error).__name__}: {str(error)[:200]}); '
@@ -107,6 +143,7 @@ class RunCheckpoints:
 
     def __init__(self, directory: str, keep: int, async_save: bool = True):
         self.directory = paths.absolute(directory)
+        ignore_reads_left_by_a_failed_restore()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
