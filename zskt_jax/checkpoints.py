@@ -8,6 +8,7 @@ them; the teacher is never copied into them.
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -32,9 +33,15 @@ class CheckpointMismatchError(UserError, ValueError):
     pass
 
 
+def _from_a_restore(traceback_) -> bool:
+    import traceback
+    frames = traceback.extract_tb(traceback_) if traceback_ is not None else []
+    return any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames)
+
+
 def _is_stray_wake_up(unraisable) -> bool:
-    """The error TensorStore reports when a read finishes after the event loop that awaited it
-    was closed: ``RuntimeError('Event loop is closed')`` from asyncio's ``call_soon_threadsafe``."""
+    """What TensorStore reports when a read finishes after the event loop that awaited it was
+    closed: ``RuntimeError('Event loop is closed')`` from asyncio's ``call_soon_threadsafe``."""
     import traceback
     frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
     return (unraisable.exc_type is RuntimeError
@@ -43,15 +50,27 @@ def _is_stray_wake_up(unraisable) -> bool:
             and 'asyncio' in frames[-1].filename)
 
 
+class _UnretrievedRestoreErrors(logging.Filter):
+    """asyncio's 'Task exception was never retrieved' for the reads of an Orbax restore."""
+
+    def filter(self, record) -> bool:
+        return not (str(record.msg).startswith(('Task exception was never retrieved',
+                                                'Future exception was never retrieved'))
+                    and record.exc_info and _from_a_restore(record.exc_info[2]))
+
+
 def ignore_reads_left_by_a_failed_restore() -> None:
     """Keep the reads that a failed restore leaves behind from printing tracebacks.
 
     Orbax runs a restore in an event loop of its own and closes it as soon as one read fails
-    (a corrupted checkpoint); TensorStore's other reads of that restore finish later and try to
-    wake the closed loop, each printing a ``RuntimeError: Event loop is closed`` traceback (up
-    to the process's exit) after the error was already reported. Nothing is left to do for
-    them and closing the checkpointer does not cancel them, so this ``sys.unraisablehook``
-    drops exactly that error and hands every other one to the hook before it. Installed once.
+    (a corrupted checkpoint), without waiting for the restore's other reads. Those finish later
+    and each prints a traceback after the error was already reported, up to the process's exit:
+    TensorStore's wake-up of the closed loop (``RuntimeError: Event loop is closed``) and, when
+    its task is collected, asyncio's 'Task exception was never retrieved' for a read that
+    failed too. Nothing is left to do for them, and closing the checkpointer does not cancel
+    them; so a ``sys.unraisablehook`` drops exactly the first (every other report goes to the
+    hook before it) and a filter of the 'asyncio' logger drops the second when its traceback
+    passes through Orbax. Installed once.
     """
     import sys
     previous = sys.unraisablehook
@@ -64,6 +83,7 @@ def ignore_reads_left_by_a_failed_restore() -> None:
 
     hook.drops_stray_wake_ups = True
     sys.unraisablehook = hook
+    logging.getLogger('asyncio').addFilter(_UnretrievedRestoreErrors())
 
 
 def barrier(name: str) -> None:
