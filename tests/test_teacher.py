@@ -79,3 +79,18 @@ def _stopping(config, steps):
     with config.unlocked():
         config.stop_after_steps = steps
     return config
+
+
+def test_progress_line_counts_epochs_in_epochs(monkeypatch):
+    """The teacher's progress line says epochs (it counts steps, steps_per_epoch to an epoch)."""
+    from zskt_jax import reporting
+    clock = iter([0.0, 2.0, 102.0])
+    monkeypatch.setattr(reporting.time, 'perf_counter', lambda: next(clock))
+    progress = reporting.Progress(0, 30 * 10, steps_per_unit=10, unit='epoch')
+    assert progress.line(50, {'loss': 0.5}).startswith('epoch 5/30, 2.50 epochs/s, ETA 0:10 |')
+    # Below an epoch a second: seconds an epoch.
+    assert progress.line(60, {'loss': 0.5}).startswith('epoch 6/30, 100.0 s/epoch, ETA 40:00 |')
+    # The zero-shot and few-shot jobs' lines stay in iterations.
+    clock = iter([0.0, 2.0])
+    iterations = reporting.Progress(0, 500)
+    assert iterations.line(5, {}).startswith('[5/500] 2.50 it/s, ETA 3:18')

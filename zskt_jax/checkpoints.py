@@ -8,6 +8,7 @@ them; the teacher is never copied into them.
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -30,6 +31,59 @@ class TeacherCorruptedError(UserError):
 
 class CheckpointMismatchError(UserError, ValueError):
     pass
+
+
+def _from_a_restore(traceback_) -> bool:
+    import traceback
+    frames = traceback.extract_tb(traceback_) if traceback_ is not None else []
+    return any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames)
+
+
+def _is_stray_wake_up(unraisable) -> bool:
+    """What TensorStore reports when a read finishes after the event loop that awaited it was
+    closed: ``RuntimeError('Event loop is closed')`` from asyncio's ``call_soon_threadsafe``."""
+    import traceback
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    return (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == 'Event loop is closed'
+            and bool(frames) and frames[-1].name == '_check_closed'
+            and 'asyncio' in frames[-1].filename)
+
+
+class _UnretrievedRestoreErrors(logging.Filter):
+    """asyncio's 'Task exception was never retrieved' for the reads of an Orbax restore."""
+
+    def filter(self, record) -> bool:
+        return not (str(record.msg).startswith(('Task exception was never retrieved',
+                                                'Future exception was never retrieved'))
+                    and record.exc_info and _from_a_restore(record.exc_info[2]))
+
+
+def ignore_reads_left_by_a_failed_restore() -> None:
+    """Keep the reads that a failed restore leaves behind from printing tracebacks.
+
+    Orbax runs a restore in an event loop of its own and closes it as soon as one read fails
+    (a corrupted checkpoint), without waiting for the restore's other reads. Those finish later
+    and each prints a traceback after the error was already reported, up to the process's exit:
+    TensorStore's wake-up of the closed loop (``RuntimeError: Event loop is closed``) and, when
+    its task is collected, asyncio's 'Task exception was never retrieved' for a read that
+    failed too. Nothing is left to do for them, and closing the checkpointer does not cancel
+    them; so a ``sys.unraisablehook`` drops exactly the first (every other report goes to the
+    hook before it) and a filter of the 'asyncio' logger drops the second when its traceback
+    passes through Orbax. Installed once.
+    """
+    import sys
+    previous = sys.unraisablehook
+    if getattr(previous, 'drops_stray_wake_ups', False):
+        return
+
+    def hook(unraisable):
+        if not _is_stray_wake_up(unraisable):
+            previous(unraisable)
+
+    hook.drops_stray_wake_ups = True
+    sys.unraisablehook = hook
+    logging.getLogger('asyncio').addFilter(_UnretrievedRestoreErrors())
 
 
 def barrier(name: str) -> None:
@@ -73,9 +127,11 @@ def load_teacher(path: str, make_hint: str = ''):
         raise TeacherNotFoundError(
             f'No teacher checkpoint at {path} (expected {meta_path} and variables/).'
             + (f' Make one with:\n  {make_hint}' if make_hint else ''))
+    ignore_reads_left_by_a_failed_restore()
     try:
         meta = json.loads(meta_path.read_text())
-        variables = ocp.StandardCheckpointer().restore(os.path.join(path, 'variables'))
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(os.path.join(path, 'variables'))
     except Exception as error:  # noqa: BLE001 - whatever Orbax/TensorStore/json raise for it
         raise TeacherCorruptedError(
             f'The teacher at {path} cannot be read ({type(error).__name__}: {str(error)[:200]}); '
@@ -107,6 +163,7 @@ class RunCheckpoints:
 
     def __init__(self, directory: str, keep: int, async_save: bool = True):
         self.directory = paths.absolute(directory)
+        ignore_reads_left_by_a_failed_restore()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)

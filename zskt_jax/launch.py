@@ -17,7 +17,7 @@ import sys
 from absl import app
 from etils import epath
 
-from zskt_jax import errors, paths
+from zskt_jax import errors, paths, validation
 
 # config.job -> the module whose train_and_evaluate(config, workdir) runs it.
 JOBS = {
@@ -148,6 +148,7 @@ def train_teacher_if_missing(config, config_path=None):
         return None
     teacher_config = teacher_recipe_config(config, config_path)
     workdir = os.path.dirname(paths.absolute(common.teacher_dir(config)))
+    validation.check(teacher_config, workdir)
     logging.getLogger('zskt_jax').info('No teacher at %s: training one with %s first.',
                                        common.teacher_dir(config), recipe)
     return run_job(teacher_config, workdir)
@@ -246,6 +247,7 @@ def _main(config, config_path, workdir, coordinator_address, num_processes, proc
                                            distributed))
     setup_logging()
     workdir = workdir or default_workdir(config, config_path)
+    validation.check(config, workdir)  # every field and the workdir, before any work
     results = None
     if config.job in ('zero_shot', 'few_shot'):
         results = train_teacher_if_missing(config, config_path)

@@ -50,8 +50,12 @@ class RunDir:
     def restore(self, target) -> Tuple[int, Any, Dict]:
         """(start step, saved states or None, the checkpoint's record) of the latest checkpoint
         of another run of this configuration; the history and the clock continue from it."""
-        step, saved, meta = checkpoints.restore_latest(
-            self.checkpoints, target, self.config_dict, **self._restore_options)
+        try:
+            step, saved, meta = checkpoints.restore_latest(
+                self.checkpoints, target, self.config_dict, **self._restore_options)
+        except BaseException:
+            self._close()  # the job stops here: its checkpoint manager and writer too
+            raise
         if saved is None:
             return 0, None, {}
         self.history = meta.get('history', [])

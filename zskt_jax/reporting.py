@@ -87,12 +87,16 @@ def image_grid(images: np.ndarray, mean, std, columns: int = 8) -> np.ndarray:
 class Progress:
     """Units per second (since the last report) and ETA, for one line per report.
 
-    Counted in steps; shown in units of ``steps_per_unit`` steps (the teacher's epochs).
+    Counted in steps; shown in units of ``steps_per_unit`` steps. Without a ``unit`` name the
+    unit is the iteration: ``[5/500] 2.44 it/s, ETA ...``; with one (the teacher's 'epoch'):
+    ``epoch 5/30, 2.44 epochs/s, ETA ...``, or ``41.0 s/epoch`` below one a second.
     """
 
-    def __init__(self, start_step: int, total_steps: int, steps_per_unit: int = 1):
+    def __init__(self, start_step: int, total_steps: int, steps_per_unit: int = 1,
+                 unit: str = ''):
         self.total = total_steps
         self.per = steps_per_unit
+        self.unit = unit
         self.restart(start_step)
 
     def restart(self, step: int) -> None:
@@ -105,8 +109,14 @@ class Progress:
         self._last_step, self._last_time = step, now
         eta = (self.total - step) / rate if rate > 0 else float('inf')
         shown = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
-        return (f'[{step // self.per}/{self.total // self.per}] {rate / self.per:.2f} it/s, '
-                f'ETA {format_seconds(eta)} | {shown}')
+        units = rate / self.per
+        if not self.unit:
+            where, speed = f'[{step // self.per}/{self.total // self.per}]', f'{units:.2f} it/s'
+        else:
+            where = f'{self.unit} {step // self.per}/{self.total // self.per},'
+            speed = (f'{units:.2f} {self.unit}s/s' if units >= 1 or units <= 0
+                     else f'{1 / units:.1f} s/{self.unit}')
+        return f'{where} {speed}, ETA {format_seconds(eta)} | {shown}'
 
 
 class RunClock:

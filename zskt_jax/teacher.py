@@ -120,7 +120,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     train_step = make_train_step(model, config, steps_per_epoch, mesh)
     total_steps = config.epochs * steps_per_epoch
-    progress = reporting.Progress(start, total_steps, steps_per_unit=steps_per_epoch)
+    progress = reporting.Progress(start, total_steps, steps_per_unit=steps_per_epoch,
+                                  unit='epoch')
     batches = EpochBatches(len(train_labels), config.batch_size, data_key)
 
     def step(state, i):
