@@ -1,20 +1,34 @@
-"""Import the authors' published PyTorch teachers (docs/method.md, section "The
-authors' checkpoints").
+"""Import published PyTorch teachers: the ZSKT authors' WideResNets (docs/method.md, section "The
+authors' checkpoints") and the zju-vipa/CMI toolbox's CIFAR classifiers (github.com/zju-vipa/CMI:
+``resnet18``, ``resnet34``, ``vgg11`` and its WRNs ``wrn16_1`` ... ``wrn40_2``, whose
+``datafree/models/classifiers/wresnet.py`` is the authors' WideResNet, state-dict keys included).
 
     pip install torch==2.13.0   # only this command needs PyTorch (a CPU build is enough)
     python -m zskt_jax.import_torch --checkpoint=pretrained/svhn/WRN-40-2/last.pth.tar \\
         --arch=WRN-40-2 --dataset=svhn
 
+    python -m zskt_jax.import_torch --checkpoint=cifar10_resnet34.pth --arch=resnet34 \\
+        --dataset=cifar10
+
 writes ``runs/teacher_svhn_WRN-40-2/teacher`` (``--out`` to choose), exactly where
 ``python run.py --config=configs/svhn.py`` looks for its teacher by default
-(``common.teacher_dir``). The checkpoint may be the authors' ``{'state_dict': ...}`` dict or a
-bare state dict, with or without the ``module.`` prefix of ``nn.DataParallel``.
+(``common.teacher_dir``). ``--arch`` takes any name of ``zskt_jax.models.registry``; a toolbox
+WRN name is stored under the project's (``wrn40_2`` -> ``WRN-40-2``). The checkpoint may be a
+``{'state_dict': ...}`` dict (the authors' and the toolbox's format) or a bare state dict, with
+or without the ``module.`` prefix of ``nn.DataParallel``.
 
-The conversion is a renaming plus layout changes: conv OIHW -> HWIO, fc [out, in] -> [in, out],
-BatchNorm weight/bias/running_mean/running_var -> scale/bias (params) and mean/var (batch_stats);
-``num_batches_tracked`` is dropped. Every tensor's shape is checked against the named architecture
-before anything is written. When the dataset is prepared, the imported teacher's test accuracy is
-measured and recorded in ``teacher.json``.
+The conversion is a renaming plus layout changes: conv OIHW -> HWIO, linear [out, in] ->
+[in, out], BatchNorm weight/bias/running_mean/running_var -> scale/bias (params) and mean/var
+(batch_stats); ``num_batches_tracked`` is dropped. The expected keys are derived from the Flax
+model itself (``flax_layout``): its modules are named after the PyTorch modules with '.' written
+'_'. Every tensor's shape is checked against the named architecture before anything is written.
+When the dataset is prepared, the imported teacher's test accuracy is measured and recorded in
+``teacher.json``.
+
+A checkpoint that is not the named architecture (another one, a missing key, another number of
+classes) is a person's error: ``main`` prints it and returns 1, and the command
+(``python -m zskt_jax.import_torch``) exits with ``errors.EXIT_STATUS`` (2), as the launchers do,
+without a traceback.
 """
 import argparse
 import logging
@@ -25,7 +39,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from zskt_jax import paths
+from zskt_jax import errors, paths
+from zskt_jax.models import registry
 from zskt_jax.models.wide_resnet import parse_arch
 
 logger = logging.getLogger('zskt_jax')
@@ -37,7 +52,7 @@ TORCH_INSTALL_HINT = ('pip install torch==2.13.0  (a CPU build is enough; only '
                       'zskt_jax.import_torch needs PyTorch)')
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(errors.UserError, ValueError):
     """The checkpoint is not the architecture it was said to be."""
 
 
@@ -84,6 +99,63 @@ def torch_layout(arch: str, num_classes: int, base_width: int = 16) -> List[Tens
     specs.append(TensorSpec('fc.weight', (num_classes, channels[3]), 'params', ('fc', 'kernel'),
                             'dense_kernel'))
     specs.append(TensorSpec('fc.bias', (num_classes,), 'params', ('fc', 'bias'), 'vector'))
+    return specs
+
+
+# Flax leaf name -> PyTorch parameter/buffer name, per collection.
+FLAX_TO_TORCH = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
+                 ('params', 'bias'): 'bias', ('batch_stats', 'mean'): 'running_mean',
+                 ('batch_stats', 'var'): 'running_var'}
+
+
+def flax_layout(arch: str, num_classes: int, width: Optional[int] = None) -> List[TensorSpec]:
+    """The PyTorch state dict that ``registry.build(arch, num_classes, width)`` corresponds to,
+    derived from the Flax model's variables, in the PyTorch modules' order.
+
+    Each Flax module path is the PyTorch module path with '.' written '_'
+    (``layer2_0/shortcut_0`` <-> ``layer2.0.shortcut.0``); leaves map by FLAX_TO_TORCH; a 4-D
+    kernel is a conv (HWIO <-> OIHW), a 2-D one a linear layer ([in, out] <-> [out, in]). The
+    modules come in the order the model creates them, which is the order of their PyTorch
+    definitions; within a BatchNorm, weight, bias, running_mean, running_var. For the WRNs this
+    gives exactly ``torch_layout`` (tests/test_toolbox_models.py checks it).
+    """
+    import jax
+    import jax.numpy as jnp
+    model = registry.build(arch, num_classes, width)
+    leaves: List[Tuple[str, Tuple[str, ...], Tuple[int, ...]]] = []
+
+    def walk(collection, tree, path):
+        for name, value in tree.items():  # insertion order: the order of creation
+            if isinstance(value, dict):
+                walk(collection, value, path + (name,))
+            else:
+                leaves.append((collection, path + (name,), tuple(value.shape)))
+
+    def init(key, x):
+        variables = model.init(key, x)
+        for collection in ('params', 'batch_stats'):
+            walk(collection, dict(variables.get(collection, {})), ())
+        return variables
+
+    # Traced, not run: the walk sees the dicts as Flax builds them (eval_shape's own output
+    # has its keys sorted).
+    jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+    modules: Dict[Tuple[str, ...], List[Tuple[str, Tuple[str, ...], Tuple[int, ...]]]] = {}
+    for collection, path, shape in leaves:  # params first: each module's place is its params'
+        modules.setdefault(path[:-1], []).append((collection, path, shape))
+    specs = []
+    for module, module_leaves in modules.items():
+        prefix = '.'.join(part.replace('_', '.') for part in module)
+        for collection, path, shape in module_leaves:
+            torch_name = FLAX_TO_TORCH[(collection, path[-1])]
+            if path[-1] == 'kernel' and len(shape) == 4:
+                kind, torch_shape = 'conv', (shape[3], shape[2], shape[0], shape[1])
+            elif path[-1] == 'kernel':
+                kind, torch_shape = 'dense_kernel', (shape[1], shape[0])
+            else:
+                kind, torch_shape = 'vector', shape
+            specs.append(TensorSpec(f'{prefix}.{torch_name}', torch_shape, collection, path,
+                                    kind))
     return specs
 
 
@@ -147,16 +219,41 @@ def extract_state_dict(loaded: Any, path: str = '<checkpoint>') -> Dict[str, np.
 # Conversion
 
 def guess_arch(state_dict: Dict[str, np.ndarray]) -> Optional[str]:
-    """The WRN-depth-k a state dict most likely holds (for error messages), or None."""
+    """The architecture a state dict most likely holds (for error messages), or None."""
+    guess = _guess(state_dict)
+    return guess[0] if guess else None
+
+
+def _guess(state_dict: Dict[str, np.ndarray]) -> Optional[Tuple[str, int, int]]:
+    """(name, width, the published width) of the architecture a state dict most likely holds: a
+    WRN-depth-k (base width 16), or a toolbox ResNet or VGG at any width; or None."""
     try:
-        layers = {int(m.group(1)) for k in state_dict
-                  if (m := re.fullmatch(r'block1\.layer\.(\d+)\..*', k))}
-        width = state_dict['fc.weight'].shape[1] // 64
-        base = state_dict['conv1.weight'].shape[0]
-        if not layers or base != 16:
-            return None
-        return f'WRN-{6 * (max(layers) + 1) + 4}-{width}'
-    except (KeyError, IndexError, AttributeError):
+        if 'fc.weight' in state_dict:  # the authors' / toolbox's WideResNet
+            layers = {int(m.group(1)) for k in state_dict
+                      if (m := re.fullmatch(r'block1\.layer\.(\d+)\..*', k))}
+            width = state_dict['fc.weight'].shape[1] // 64
+            base = state_dict['conv1.weight'].shape[0]
+            if not layers or base != 16:
+                return None
+            return f'WRN-{6 * (max(layers) + 1) + 4}-{width}', 16, 16
+        if 'linear.weight' in state_dict:  # the toolbox's CIFAR ResNet
+            from zskt_jax.models import resnet
+            counts = tuple(1 + max((int(m.group(1)) for k in state_dict
+                                    if (m := re.fullmatch(rf'layer{l}\.(\d+)\..*', k))),
+                                   default=-1)
+                           for l in range(1, 5))
+            name = next((n for n, blocks in resnet.BLOCKS.items() if tuple(blocks) == counts),
+                        None)
+            return name and (name, state_dict['conv1.weight'].shape[0], resnet.DEFAULT_WIDTH)
+        if 'classifier.weight' in state_dict:  # the toolbox's VGG
+            from zskt_jax.models import vgg
+            counts = tuple(sum(1 for k in state_dict if re.fullmatch(rf'block{b}\.\d+\.weight', k)
+                               and np.ndim(state_dict[k]) == 4) for b in range(5))
+            name = next((n for n, config in vgg.CONFIGS.items()
+                         if tuple(len(block) for block in config) == counts), None)
+            return name and (name, state_dict['block0.0.weight'].shape[0], vgg.DEFAULT_WIDTH)
+        return None
+    except (KeyError, IndexError, AttributeError, ValueError):
         return None
 
 
@@ -166,13 +263,18 @@ def _list(keys: Sequence[str], limit: int = 8) -> str:
 
 
 def convert_state_dict(state_dict: Dict[str, np.ndarray], arch: str, num_classes: int,
-                       base_width: int = 16) -> Dict[str, Any]:
-    """The authors' WideResNet state dict -> our {'params', 'batch_stats'} (NumPy float32).
+                       base_width: Optional[int] = None) -> Dict[str, Any]:
+    """A PyTorch state dict of ``arch`` (any registry name) -> our {'params', 'batch_stats'}
+    (NumPy float32). ``base_width``: the stem/base width, None for the architecture's own (16
+    for the WRNs, 64 for the ResNets and VGG).
 
     Raises StateDictMismatchError naming the first tensor whose shape differs from ``arch``'s
     (name, expected shape, found shape) and every missing or unexpected key.
     """
-    layout = torch_layout(arch, num_classes, base_width)
+    architecture = registry.get(arch)
+    arch = architecture.name
+    base_width = architecture.default_width if base_width is None else base_width
+    layout = flax_layout(arch, num_classes, base_width)
     expected_keys = {spec.torch_key for spec in layout}
     present = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
     missing = [spec.torch_key for spec in layout if spec.torch_key not in present]
@@ -190,9 +292,17 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], arch: str, num_classes
             problems.append(f'missing keys: {_list(missing)}')
         if unexpected:
             problems.append(f'unexpected keys: {_list(unexpected)}')
-        guess = guess_arch(state_dict)
-        hint = (f' It looks like a {guess}: try --arch={guess}.'
-                if guess and guess != arch else '')
+        hint = ''
+        if not any(spec.torch_key in present for spec in layout):
+            hint += f" None of its keys is one of {arch}'s."
+        guess = _guess(state_dict)
+        if guess and guess[:2] != (arch, base_width):
+            name, width, default = guess
+            hint += (f' It looks like a {name}' + (f' of width {width}' if width != default else '')
+                     + f': try --arch={name}' + (f' --width={width}' if width != default else '')
+                     + '.')
+        elif not guess:
+            hint += f' It is none of {", ".join(registry.names())} at any width.'
         raise StateDictMismatchError(
             f'The checkpoint is not a {arch} with {num_classes} classes (base width {base_width}): '
             + '; '.join(problems) + '.' + hint)
@@ -211,13 +321,12 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], arch: str, num_classes
     return variables
 
 
-def check_against_model(variables, arch: str, num_classes: int, base_width: int,
+def check_against_model(variables, arch: str, num_classes: int, base_width: Optional[int],
                         image_shape) -> None:
-    """The converted tree must be exactly what our WideResNet initialises (names and shapes)."""
+    """The converted tree must be exactly what our model initialises (names and shapes)."""
     import jax
     import jax.numpy as jnp
-    from zskt_jax.models import build_wide_resnet
-    model = build_wide_resnet(arch, num_classes, base_width)
+    model = registry.build(arch, num_classes, base_width)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1,) + tuple(image_shape)))
     want = {jax.tree_util.keystr(p): tuple(l.shape)
             for p, l in jax.tree_util.tree_flatten_with_path(dict(abstract))[0]}
@@ -237,12 +346,11 @@ def default_out(dataset: str, arch: str) -> str:
     return os.path.join(common.default_teacher_workdir(dataset, arch), 'teacher')
 
 
-def evaluate_teacher(variables, arch: str, dataset: str, base_width: int = 16,
+def evaluate_teacher(variables, arch: str, dataset: str, base_width: Optional[int] = None,
                      data_dir: Optional[str] = None, batch_size: int = 500) -> Optional[float]:
     """Test accuracy of the imported teacher, or None (with a log line) if the dataset is not
     prepared in ``data_dir``."""
     from zskt_jax import common, data, parallel
-    from zskt_jax.models import build_wide_resnet
     info = data.dataset_info(dataset)
     try:
         images, labels = data.load_split(dataset, info.test_split, data_dir or None)
@@ -250,17 +358,21 @@ def evaluate_teacher(variables, arch: str, dataset: str, base_width: int = 16,
         logger.warning('Not evaluated: %s', str(error).splitlines()[0])
         return None
     mesh = parallel.make_mesh()
-    model = build_wide_resnet(arch, info.num_classes, base_width, axis_name=parallel.DATA_AXIS)
+    model = registry.build(arch, info.num_classes, base_width, axis_name=parallel.DATA_AXIS)
     evaluator = common.Evaluator(model, dataset, images, labels, batch_size, mesh)
     return evaluator(variables)
 
 
 def import_teacher(checkpoint: str, arch: str, dataset: str, out: Optional[str] = None, *,
                    evaluate: bool = True, data_dir: Optional[str] = None, trust: bool = False,
-                   base_width: int = 16) -> Tuple[str, Dict[str, Any]]:
-    """Convert ``checkpoint`` and write it as a teacher directory; returns (out, meta)."""
+                   base_width: Optional[int] = None) -> Tuple[str, Dict[str, Any]]:
+    """Convert ``checkpoint`` and write it as a teacher directory; returns (out, meta).
+    ``base_width``: the stem/base width, None for the architecture's own."""
     from zskt_jax import checkpoints, data
     info = data.dataset_info(dataset)
+    architecture = registry.get(arch)
+    arch = architecture.name  # 'wrn40_2' -> 'WRN-40-2', the name the zero-shot configs use
+    base_width = architecture.default_width if base_width is None else base_width
     out = out or default_out(dataset, arch)
     state_dict = load_torch_checkpoint(checkpoint, trust=trust)
     try:
@@ -284,12 +396,19 @@ def import_teacher(checkpoint: str, arch: str, dataset: str, out: Optional[str] 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog='python -m zskt_jax.import_torch',
-        description="Convert the authors' PyTorch WideResNet teacher (last.pth.tar) into a "
-                    'teacher directory for run.py. Needs: ' + TORCH_INSTALL_HINT)
+        description="Convert a PyTorch teacher (the ZSKT authors' WideResNets, the zju-vipa/CMI "
+                    "toolbox's resnet18 / resnet34 / vgg11 / wrn*) into a teacher directory for "
+                    'run.py. Needs: ' + TORCH_INSTALL_HINT)
     parser.add_argument('--checkpoint', required=True,
-                        help="the authors' last.pth.tar (or any torch.save of a WideResNet state "
-                             "dict, bare or under 'state_dict', with or without 'module.')")
-    parser.add_argument('--arch', required=True, help="its architecture, e.g. 'WRN-40-2'")
+                        help="the authors' last.pth.tar, a toolbox checkpoint, or any torch.save "
+                             "of such a state dict, bare or under 'state_dict', with or without "
+                             "'module.'")
+    parser.add_argument('--arch', required=True,
+                        help="its architecture: 'WRN-40-2' or a toolbox name (" +
+                             ', '.join(registry.TOOLBOX_NAMES) + ')')
+    parser.add_argument('--width', type=int, default=None,
+                        help='its stem/base width; default the published networks\' (16 for '
+                             'the WRNs, 64 for the ResNets and VGG)')
     parser.add_argument('--dataset', required=True,
                         help='the dataset the teacher was trained on: svhn | cifar10 | cifar100 '
                              '(its number of classes; the split the optional evaluation uses)')
@@ -318,15 +437,19 @@ def main(argv=None) -> int:
     try:
         out, meta = import_teacher(args.checkpoint, args.arch, args.dataset, args.out,
                                    evaluate=not args.no_eval, data_dir=args.data_dir,
-                                   trust=args.trust_checkpoint)
+                                   trust=args.trust_checkpoint, base_width=args.width)
     except (ImportError, FileNotFoundError, ValueError) as error:
+        # ValueError includes ConfigError (an unknown --arch or --dataset) and
+        # StateDictMismatchError. A person's error: its message, no traceback.
         print(f'error: {error}', file=sys.stderr)
         return 1
     accuracy = meta.get('test_accuracy')
-    print(f'{args.arch} teacher for {args.dataset} written to {out}'
+    print(f'{meta["arch"]} teacher for {args.dataset} written to {out}'
           + (f' (test accuracy {100 * accuracy:.2f}%)' if accuracy is not None else ''))
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    # main() returns 1 for a person's error (its callers and tests rely on it); the command exits
+    # with the launchers' status for those, errors.EXIT_STATUS (2).
+    sys.exit(errors.EXIT_STATUS if main() else 0)

@@ -4,6 +4,11 @@ NHWC. Returns the logits and the raw outputs of the three groups (before the hea
 which attention transfer compares (docs/method.md, section "WideResNet"). Module names follow
 the PyTorch state-dict keys (``block{g}.layer.{i}.bn1`` -> ``block{g}/layer_{i}/bn1``) so that
 importing the authors' checkpoints is a renaming.
+
+The zju-vipa/CMI toolbox's WideResNet (github.com/zju-vipa/CMI,
+``datafree/models/classifiers/wresnet.py``, taken from the authors' code) is this network with
+the same state-dict keys; its names ``wrn16_1`` ... ``wrn40_2`` build this module
+(``models.registry``) and its checkpoints import as the authors' do.
 """
 import re
 from typing import Any, Optional, Sequence, Tuple

@@ -1,0 +1,136 @@
+"""Classifier architectures by name: the project's WideResNets and the zju-vipa/CMI toolbox's
+CIFAR classifiers (github.com/zju-vipa/CMI, ``registry.py``'s MODEL_DICT).
+
+    from zskt_jax.models import registry
+    model = registry.build('resnet34', num_classes=10)           # a Flax module
+    registry.names()                                              # the names listed
+    registry.stages('resnet34', 32)                               # its feature stages at 32x32
+
+Names: the toolbox's ``resnet18``, ``resnet34``, ``vgg11`` (with BatchNorm, as the toolbox
+builds it) and ``wrn16_1``, ``wrn16_2``, ``wrn40_1``, ``wrn40_2`` (any ``wrn<depth>_<k>``), and
+the project's ``WRN-<depth>-<k>``. A toolbox WRN name is the same network as the project's
+(``canonical_name('wrn40_2') == 'WRN-40-2'``; the toolbox's wresnet.py is the ZSKT authors'
+WideResNet, state-dict keys included).
+
+Every model's ``apply(variables, x, train=False)`` returns ``(logits, stage_outputs)``;
+``stages(name, image_size)`` says what the stage outputs are (name, spatial size, channels)
+without building anything, for deciding which teacher and student stages attention transfer
+pairs up.
+
+Options of ``build``: ``width`` (the stem/base width: 16 for WRNs, 64 for the ResNets and VGG;
+``base_width`` is accepted as its synonym, the config field's name), ``axis_name``, ``dtype``,
+``weight_grad_chunk``, each as the WideResNet's.
+"""
+import re
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+from zskt_jax.errors import ConfigError
+from zskt_jax.models import resnet, vgg
+from zskt_jax.models.wide_resnet import build_wide_resnet, parse_arch
+
+
+class Stage(NamedTuple):
+    """One stage output: its name, spatial size (square inputs) and channels."""
+    name: str
+    size: int
+    channels: int
+
+
+class Architecture(NamedTuple):
+    name: str                   # canonical: 'WRN-40-2', 'resnet18', 'vgg11'
+    family: str                 # 'wrn' | 'resnet' | 'vgg'
+    default_width: int          # the stem/base width of the published networks
+    builder: Callable[..., Any]  # (num_classes, width, **options) -> module
+    stage_sizes: Callable[[int], Tuple[int, ...]]
+    stage_channels: Callable[[int], Tuple[int, ...]]
+    stage_names: Tuple[str, ...]
+
+    def build(self, num_classes: int, width: Optional[int] = None, **options):
+        return self.builder(num_classes, self.default_width if width is None else width,
+                            **options)
+
+    def stages(self, image_size: int, width: Optional[int] = None) -> Tuple[Stage, ...]:
+        width = self.default_width if width is None else width
+        return tuple(Stage(*s) for s in zip(self.stage_names, self.stage_sizes(image_size),
+                                            self.stage_channels(width)))
+
+
+TOOLBOX_NAMES = ('resnet18', 'resnet34', 'vgg11', 'wrn16_1', 'wrn16_2', 'wrn40_1', 'wrn40_2')
+
+
+def canonical_name(name: str) -> str:
+    """'wrn40_2' -> 'WRN-40-2'; other names unchanged."""
+    match = re.fullmatch(r'wrn(\d+)_(\d+)', name)
+    return f'WRN-{match.group(1)}-{match.group(2)}' if match else name
+
+
+def _wide_resnet(name: str) -> Architecture:
+    depth, k = parse_arch(name)  # ConfigError for a bad depth
+
+    def sizes(s):
+        return (s, -(-s // 2), -(-s // 4))
+
+    return Architecture(
+        name=name, family='wrn', default_width=16,
+        builder=lambda num_classes, width, **options: build_wide_resnet(
+            name, num_classes, width, **options),
+        stage_sizes=sizes,
+        stage_channels=lambda width: (width * k, 2 * width * k, 4 * width * k),
+        stage_names=('block1', 'block2', 'block3'))
+
+
+def _resnet(name: str) -> Architecture:
+    return Architecture(
+        name=name, family='resnet', default_width=resnet.DEFAULT_WIDTH,
+        builder=lambda num_classes, width, **options: resnet.build_resnet(
+            name, num_classes, width, **options),
+        stage_sizes=resnet.stage_sizes, stage_channels=resnet.stage_channels,
+        stage_names=('layer1', 'layer2', 'layer3', 'layer4'))
+
+
+def _vgg(name: str) -> Architecture:
+    return Architecture(
+        name=name, family='vgg', default_width=vgg.DEFAULT_WIDTH,
+        builder=lambda num_classes, width, **options: vgg.build_vgg(
+            name, num_classes, width, **options),
+        stage_sizes=vgg.stage_sizes,
+        stage_channels=lambda width: vgg.stage_channels(width, name),
+        stage_names=tuple(f'block{b}' for b in range(len(vgg.CONFIGS[name]))))
+
+
+def names() -> Tuple[str, ...]:
+    """The names listed: the toolbox's, then the project's WRN examples (any
+    'WRN-<6n+4>-<k>' / 'wrn<6n+4>_<k>' is accepted)."""
+    return TOOLBOX_NAMES + ('WRN-16-1', 'WRN-16-2', 'WRN-40-1', 'WRN-40-2')
+
+
+def get(name: str) -> Architecture:
+    """The architecture called ``name``, or a ConfigError listing the names."""
+    canonical = canonical_name(name)
+    if canonical.startswith('WRN-'):
+        return _wide_resnet(canonical)
+    if canonical in resnet.BLOCKS:
+        return _resnet(canonical)
+    if canonical in vgg.CONFIGS:
+        return _vgg(canonical)
+    raise ConfigError(f'unknown architecture {name!r}; known: {", ".join(names())} '
+                      "(and any 'WRN-<depth>-<k>' or 'wrn<depth>_<k>' with depth 6n + 4)")
+
+
+def build(name: str, num_classes: int, width: Optional[int] = None,
+          base_width: Optional[int] = None, **options):
+    """The Flax module of architecture ``name``; ``options``: axis_name, dtype,
+    weight_grad_chunk."""
+    if width is not None and base_width is not None and width != base_width:
+        raise ConfigError(f'width={width} and base_width={base_width} are the same option')
+    return get(name).build(num_classes, width if width is not None else base_width, **options)
+
+
+def stages(name: str, image_size: int, width: Optional[int] = None) -> Tuple[Stage, ...]:
+    """The stage outputs of ``name`` at square inputs of ``image_size``, in the order the model
+    returns them."""
+    return get(name).stages(image_size, width)
+
+
+def stage_sizes(name: str, image_size: int) -> Tuple[int, ...]:
+    return get(name).stage_sizes(image_size)
