@@ -197,9 +197,13 @@ def main(argv=None):
     if args.device_dir:
         install_device_dir(args.device_dir, log)
     import jax
+    import tensorflow_datasets
+    from zskt_jax import data
     report = {'platform': platform.platform(), 'python': platform.python_version(),
               'jax_version': jax.__version__, 'backend': jax.default_backend(),
               'devices': [str(d.device_kind) for d in jax.devices()], 'quick': args.quick,
+              'tensorflow_installed': data.tensorflow_installed(),
+              'tensorflow_datasets_from': os.path.dirname(tensorflow_datasets.__file__),
               'parts': {}}
     log(f"gpu_check on {report['backend']}: {report['devices']}, jax {jax.__version__}")
 

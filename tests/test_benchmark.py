@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -40,19 +41,43 @@ def check_iteration_output(out, report):
             > report['torch_same_work']['flops_per_iteration'])
 
 
-def test_gpu_check_quick_mode_measures_every_part(tmp_path):
-    """benchmarks/gpu_check.py --quick on CPU: every iteration variant, the upsampling layers and
-    a digits run from a teacher it trains, in one JSON."""
+# Top-level modules of benchmarks/prepare_device.py's DEVICE_PACKAGES (googleapis-common-protos
+# is left out: its `google` namespace also holds protobuf, which the GPU image has).
+DEVICE_MODULES = ('ml_collections,clu,tensorflow_datasets,array_record,tree,promise,simple_parsing,'
+                  'docstring_parser,tensorflow_metadata,immutabledict,toml,termcolor,'
+                  'importlib_resources')
+
+
+def test_gpu_check_quick_runs_as_on_the_gpu_image(tmp_path):
+    """benchmarks/prepare_device.py, then benchmarks/gpu_check.py --quick --device_dir as on the
+    GPU image: TensorFlow cannot be imported and the packages the image lacks are found only in
+    the wheels the check installs (tests/device_like/sitecustomize.py hides this machine's
+    copies), so the digits are read from the prepared array_record data without TensorFlow.
+    Every part: each iteration variant, the upsampling layers and a digits run from a teacher it
+    trains, in one JSON."""
     pytest.importorskip('torch')
+    device_dir = tmp_path / 'device'
+    version = f'{sys.version_info.major}.{sys.version_info.minor}'
+    prepared = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'prepare_device.py'),
+                               f'--out={device_dir}', f'--python_version={version}'],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert prepared.returncode == 0, prepared.stdout[-3000:] + prepared.stderr[-3000:]
+    assert 'digits/16x16: 1797 examples, array_record' in prepared.stdout
+
     out = tmp_path / 'gpu_check.json'
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, 'tests', 'device_like'),
+               ZSKT_HIDE_FROM_SITE=DEVICE_MODULES)
+    env.pop('TFDS_DATA_DIR', None)
     result = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--quick',
-                             f'--out={out}'], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900)
+                             f'--device_dir={device_dir}', f'--out={out}'], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     report = json.loads(out.read_text())
-    variants = report['iteration']
-    assert list(variants) == ['float32', 'bfloat16', 'num_seeds_3', 'unrolled']
-    float32_output = result.stdout.split('== iteration benchmark: bfloat16 ==')[0]
+    assert report['tensorflow_installed'] is False
+    assert report['tensorflow_datasets_from'].startswith(tempfile.gettempdir())
+    parts = report['parts']
+    variants = {name: parts[name] for name in ('float32', 'bfloat16', 'unrolled', 'num_seeds_3')}
+    float32_output = result.stdout.split('== float32 ==')[1].split('== bfloat16 ==')[0]
     check_iteration_output(float32_output, variants['float32'])
     assert [variants[v]['jax']['compute_dtype'] for v in variants] == [
         'float32', 'bfloat16', 'float32', 'float32']
@@ -60,11 +85,37 @@ def test_gpu_check_quick_mode_measures_every_part(tmp_path):
     assert variants['unrolled']['jax']['update_loop'] == 'unroll'
     assert all(variants[v]['jax']['seconds_per_iteration'] > 0 for v in variants)
     assert variants['bfloat16']['torch'] is None  # PyTorch only beside float32
-    [layer] = report['upsample_conv3x3']
+    [layer] = parts['upsample_conv3x3']
     assert layer['upsample_conv3x3_s'] > 0 and layer['upsample_then_conv_s'] > 0
-    digits = report['digits']['digits_default']
+    digits = parts['digits_default']
     assert 0 <= digits['student_accuracy'] <= 1 and digits['wall_time_s_with_teacher'] > 0
     assert report['backend'] == 'cpu' and report['quick']
+
+
+def test_gpu_check_records_a_failed_part_and_goes_on(tmp_path):
+    """A part that fails (here: the digits cannot be prepared) is written to the JSON with its
+    error, the next part still runs, and the exit status says that something failed; parts past
+    --budget_s are recorded as skipped; an unknown part is refused before anything runs."""
+    def gpu_check(*flags, **env):
+        return subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--quick',
+                               *flags], cwd=ROOT, env=dict(os.environ, **env),
+                              capture_output=True, text=True, timeout=300)
+
+    result = gpu_check('--parts=upsample_conv3x3,nonexistent')
+    assert result.returncode != 0 and "unknown part 'nonexistent'" in result.stderr
+
+    out = tmp_path / 'gpu_check.json'
+    result = gpu_check(f'--out={out}', '--parts=digits_default,upsample_conv3x3',
+                       TFDS_DATA_DIR='/proc/no_such_dir')
+    assert result.returncode == 1 and 'FAILED: digits_default' in result.stdout, result.stdout
+    parts = json.loads(out.read_text())['parts']
+    assert 'teacher failed (2)' in parts['digits_default']['error'], parts
+    assert 'could not be prepared' in parts['digits_default']['error']
+    assert parts['upsample_conv3x3'][0]['upsample_conv3x3_s'] > 0
+
+    result = gpu_check(f'--out={out}', '--parts=digits_default', '--budget_s=0')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'skipped' in json.loads(out.read_text())['parts']['digits_default']
 
 
 def import_torch_baseline():

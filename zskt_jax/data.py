@@ -197,7 +197,14 @@ def load_split(
             raise _not_prepared_error(spec, os.fspath(builder.data_dir_root))
         if not tensorflow_installed():
             raise _needs_tensorflow_error(spec, os.fspath(builder.data_dir_root), "preparing it")
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except OSError as error:
+            raise DatasetNotPreparedError(
+                f"Dataset {spec.name!r} could not be prepared in data_dir "
+                f"{os.fspath(builder.data_dir_root)!r} ({type(error).__name__}: {error}). Pass a "
+                "directory you can write to as --config.data_dir (or $TFDS_DATA_DIR)."
+            ) from None
 
     known_splits = sorted(builder.info.splits.keys())
     if split.isidentifier() and split not in known_splits:
