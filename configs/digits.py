@@ -4,8 +4,8 @@ Sizes are scaled down from the paper (each is a field) and the digits are served
 ('digits16': each 8x8 scan pixel a 2x2 block; the 32x32 copy is --config.dataset=digits), so
 that the teacher and the student train in under 5 minutes on a 2-core CPU. The paper's loop
 alone stalls on some seeds here (a class never learned); this default adds the smallest set of
-the later methods' stabilisers with which every seed 0-4 reached 97% of the teacher (README,
-docs/robustness.md): BatchNorm-statistics matching, class balance and the one-hot term on the
+the later methods' stabilisers with which every seed 0-4 reached 97% of the teacher
+(docs/robustness.md): BatchNorm-statistics matching, class balance and the one-hot term on the
 generator, and a replay memory of past generated images on the student's side.
 configs/digits_paper.py is the same run with the paper's loop alone.
 If no teacher exists yet, ``teacher.recipe`` is run first.
@@ -19,14 +19,16 @@ def get_config():
     config.teacher.arch = 'WRN-16-1'
     config.teacher.base_width = 8
     config.teacher.recipe = 'configs/teacher_digits.py'  # trains the teacher when missing
-    # The student has the teacher's architecture: WRN-10-1 students stalled near 90% (README).
+    # The student has the teacher's architecture: WRN-10-1 students stalled near 90%
+    # (docs/robustness.md).
     config.student.arch = 'WRN-16-1'
     config.student.base_width = 8
     config.generator.hidden = 32
     config.num_iterations = 500
     config.batch_size = 128
     # n_s = 4: 18% less time an iteration than 5 (the student's updates are ~80% of it) and every
-    # seed 0-4 at 97% of two teachers (98.89%, 99.17%; README). n_s = 3 missed on seeds 1, 2.
+    # seed 0-4 at 97% of two teachers (98.89%, 99.17%; docs/robustness.md). n_s = 3 missed on
+    # seeds 1, 2.
     config.n_s = 4
     # Stabilisers (docs/method.md, section "Stabilisers"; weights in this project's loss scale,
     # whose KL is averaged over batch x classes: 1/10 of the per-sample KL the later methods weigh).

@@ -1,7 +1,7 @@
 """The paper's method alone at the digits default's sizes: configs/digits.py with every
 stabiliser off (ZSKT's KL game, no BatchNorm-statistics, balance or one-hot term, no replay),
-so that the faithful loop stays one command away and is measured beside the default (README,
-docs/robustness.md).
+so that the faithful loop stays one command away and is measured beside the default
+(docs/robustness.md).
 
     python run.py --config=configs/digits_paper.py
 """

@@ -30,5 +30,6 @@ def add(config, *, unit: str, log_every: int, checkpoint_every: int, keep_checkp
     config.compute_dtype = 'float32'   # activations: float32 | bfloat16 (params, optimizers,
                                        # losses stay float32)
     config.weight_grad_chunk = 0       # >0: conv kernel gradients summed over slices of this many
-                                       # examples (8: ~1.25x faster on XLA:CPU; see the README)
+                                       # examples (8: ~1.3x faster on XLA:CPU;
+                                       # docs/performance.md)
     return config

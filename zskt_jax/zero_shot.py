@@ -486,8 +486,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     seeds = seeds_of(config)
     if len(seeds) > 1 and jax.default_backend() == 'cpu':
         logger.warning('config.num_seeds = %d on CPU: XLA:CPU runs the vmapped convolutions '
-                       'slowly (3 seeds took 3.7x as long as 3 single-seed runs, README Speed); '
-                       'scripts/seeds.py runs the seeds one after another.', len(seeds))
+                       'slowly (3 seeds took 3.7x as long as 3 single-seed runs, '
+                       'docs/performance.md); scripts/seeds.py runs the seeds one after '
+                       'another.', len(seeds))
     evaluate = make_evaluate(config, models, mesh, run, eval_split, teacher_accuracy, seeds,
                              z_key)
     iteration_fn = make_iteration_fn(models, config, mesh, donate=True)
