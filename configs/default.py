@@ -38,6 +38,9 @@ def get_config():
     config.grad_clip = 5.0            # global L2 norm, both networks
     config.beta = 250.0               # attention-transfer weight (student loss only)
 
+    # A later method by name (docs/methods.md): zskt | dfad | dafl | dfq | robust sets the fields
+    # below when the run starts (a field given on the command line wins); '' = these fields as set.
+    config.method = ''
     # Stabilisers of the data-free methods after ZSKT (docs/method.md, section "Stabilisers"). All
     # off here and in every paper config: the paper's iteration, bit for bit (nothing is traced).
     config.adversarial_loss = 'kl'    # D(T, S) of both players: 'kl' (ZSKT) | 'l1' (DFAD's mean |logit diff|)

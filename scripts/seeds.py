@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from zskt_jax import cli  # noqa: F401  (defines --config, --workdir, --verbose exactly as run.py)
-from zskt_jax import errors, launch, validation
+from zskt_jax import errors, launch, methods, validation
 
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run (config.seed of each run); seed i '
                   'runs in {workdir}/seed_{i}.')
@@ -134,6 +134,7 @@ def summarise_seeds():
     config_path = config_flags.get_config_filename(FLAGS['config'])
     workdir = FLAGS.workdir or launch.default_workdir(config, config_path)
     seeds = [int(s) for s in FLAGS.seeds]
+    methods.resolve(config, methods.overridden_fields(sys.argv[1:]))  # --config.method's preset
     validation.check(config, workdir)  # every field and the workdir, before any seed runs
     if config.job == 'zero_shot':
         launch.train_teacher_if_missing(config, config_path)

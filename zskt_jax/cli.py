@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from zskt_jax import launch
+from zskt_jax import launch, methods
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file; override fields with '
                                 '--config.FIELD=VALUE.', lock_config=True)
@@ -40,7 +40,8 @@ def main(argv):
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     launch.main(FLAGS.config, config_flags.get_config_filename(FLAGS['config']), FLAGS.workdir,
                 coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                process_id=FLAGS.process_id, distributed=FLAGS.distributed, verbose=FLAGS.verbose)
+                process_id=FLAGS.process_id, distributed=FLAGS.distributed, verbose=FLAGS.verbose,
+                overridden=methods.overridden_fields(sys.argv[1:]))
 
 
 def run():

@@ -17,7 +17,7 @@ import sys
 from absl import app
 from etils import epath
 
-from zskt_jax import errors, paths, validation
+from zskt_jax import errors, methods, paths, validation
 
 # config.job -> the module whose train_and_evaluate(config, workdir) runs it.
 JOBS = {
@@ -231,22 +231,23 @@ def setup_logging():
 
 
 def main(config, config_path: str, workdir=None, *, coordinator_address=None, num_processes=None,
-         process_id=None, distributed=None, verbose=False):
+         process_id=None, distributed=None, verbose=False, overridden=()):
     """run.py's whole job: start-up, the teacher recipe where one is named, the job, its summary
     line. A person's error is printed and exits with status 2 (``errors.exit_for_people``)."""
     try:
         _main(config, config_path, workdir, coordinator_address, num_processes, process_id,
-              distributed)
+              distributed, overridden)
     except errors.UserError as error:
         errors.exit_for_people(error, verbose)
 
 
 def _main(config, config_path, workdir, coordinator_address, num_processes, process_id,
-          distributed):
+          distributed, overridden=()):
     start_distributed(distributed_settings(coordinator_address, num_processes, process_id,
                                            distributed))
     setup_logging()
     workdir = workdir or default_workdir(config, config_path)
+    methods.resolve(config, overridden)  # --config.method's preset; command-line fields win
     validation.check(config, workdir)  # every field and the workdir, before any work
     results = None
     if config.job in ('zero_shot', 'few_shot'):

@@ -15,6 +15,7 @@ import numbers
 import os
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
+from zskt_jax import methods
 from zskt_jax.errors import ConfigError, UserError
 
 JOBS = ('zero_shot', 'teacher', 'few_shot', 'belief')
@@ -144,6 +145,9 @@ RULES = {
         fraction('adam_b1', upper_open=True), fraction('adam_b2', upper_open=True),
         positive('adam_eps'), non_negative('grad_clip', ' (0: no clipping)'),
         non_negative('beta', ' (0: no attention transfer)'),
+        Rule('method', lambda v: v in ('',) + tuple(methods.names()),
+             lambda: 'one of ' + ', '.join(map(repr, ('',) + tuple(methods.names()))),
+             optional=True),
         one_of('adversarial_loss', ('kl', 'l1')),
         non_negative('bn_weight', ' (0: off)'), non_negative('balance_weight', ' (0: off)'),
         non_negative('one_hot_weight', ' (0: off)'),
