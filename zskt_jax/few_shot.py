@@ -11,8 +11,8 @@ Batches are consecutive slices of an endless stream of per-epoch permutations of
 so every batch is full (M*C may be smaller than the batch), and the batch of iteration i is a
 function of (seed, i) alone, which makes a resumed run identical to an uninterrupted one.
 
-Writes ``{workdir}/checkpoints`` (``{'student': state}``, the format belief.load_student reads),
-``tensorboard/`` and ``results.json``, as the zero-shot job does.
+Writes ``{workdir}/checkpoints`` (``{'student': state}``, the format students.load_student
+reads), ``tensorboard/`` and ``results.json``, as the zero-shot job does.
 """
 import os
 from typing import Any, Dict
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import checkpoints, common, data, loop, losses, parallel, reporting
+from zskt_jax import checkpoints, common, data, loop, losses, parallel, reporting, students
 from zskt_jax.errors import ConfigError
 from zskt_jax.parallel import DATA_AXIS
 from zskt_jax.state import create_state, sgd
@@ -143,9 +143,9 @@ def make_train_step(student_model, teacher_model, config, total_iterations: int,
 def _initial_student(config, state, mesh):
     """``state`` with the params and BN statistics of the zero-shot (or any) student at
     ``config.init_student_from``, checked to be the same network for the same teacher."""
-    from zskt_jax import belief  # load_student reads both zero-shot and few-shot checkpoints
-    _, variables, run_config, meta = belief.load_student(config.init_student_from, mesh,
-                                                         dtype_config=config)
+    # load_student reads both zero-shot and few-shot checkpoints
+    _, variables, run_config, meta = students.load_student(config.init_student_from, mesh,
+                                                           dtype_config=config)
     problems = checkpoints.compare_configs(run_config.to_dict(), config.to_dict(), (
         'dataset', 'student.arch', 'student.base_width', 'teacher.arch', 'teacher.base_width'))
     if problems:
