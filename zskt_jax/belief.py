@@ -380,12 +380,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         'teacher_path': paths.absolute(teacher_path),
         'teacher_arch': run_config.teacher.arch,
         'dataset': dataset,
-        'wall_time_s': time.time() - start_time,
-        'devices': jax.device_count(),
-        'backend': jax.default_backend(),
-        'config': config.to_dict(),
     }
-    path = reporting.write_results(workdir, results, active=is_main)
+    path = reporting.finish_results(workdir, results, wall_time_s=time.time() - start_time,
+                                    config=config.to_dict(), active=is_main)
     if path:
         logger.info('MTE %.4f (A %.2f%%, B %.2f%%); curves, plot and results in %s', mte,
                     100 * accuracy_a, 100 * accuracy_b, workdir)
