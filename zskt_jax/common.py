@@ -1,8 +1,10 @@
 """Pieces every job shares: building the networks from the config, finding the teacher,
-evaluation data and the accuracy function."""
+evaluation data and the accuracy function, and a distillation's config resolved once
+(``resolve_distillation``)."""
+import dataclasses
 import logging
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -152,11 +154,43 @@ def teacher_accuracy(config, model, variables, eval_images, eval_labels, mesh) -
     return accuracy
 
 
-def distillation_setup(config):
-    """What every distillation starts from: (dataset info, the device mesh, the teacher's variables
-    replicated on it, the teacher's record), with the batch checked against the mesh."""
+class Models(NamedTuple):
+    """The three networks as built for training (BatchNorms averaging over the ``data`` axis);
+    ``generator`` is None in a job that has none (few-shot)."""
+    generator: Any
+    student: Any
+    teacher: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """A distillation job's config resolved once into what the run needs: the jobs and their
+    builders read these fields instead of deriving them from the config again."""
+    info: data.DatasetSpec
+    mesh: Any
+    models: Models
+    teacher_variables: Any                      # replicated on ``mesh``
+    teacher_meta: Dict[str, Any]                # the teacher's record (checksum, ...)
+    teacher_path: str                           # absolute
+    eval_split: Tuple[np.ndarray, np.ndarray]   # this process's share (``load_eval_split``)
+
+    def teacher_accuracy(self, config) -> float:
+        return teacher_accuracy(config, self.models.teacher, self.teacher_variables,
+                                *self.eval_split, self.mesh)
+
+
+def resolve_distillation(config, with_generator: bool = True) -> Distillation:
+    """What every distillation starts from, with the batch checked against the mesh: the
+    networks, the teacher loaded, checked and replicated, and the evaluation split."""
     info = data.dataset_info(config.dataset)
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.batch_size, mesh)
     teacher_variables, teacher_meta = load_teacher_for(config)
-    return info, mesh, parallel.replicate(teacher_variables, mesh), teacher_meta
+    models = Models(generator=build_generator(config) if with_generator else None,
+                    student=build_network(config.student, info.num_classes, config),
+                    teacher=build_network(config.teacher, info.num_classes, config))
+    return Distillation(info=info, mesh=mesh, models=models,
+                        teacher_variables=parallel.replicate(teacher_variables, mesh),
+                        teacher_meta=teacher_meta,
+                        teacher_path=paths.absolute(teacher_dir(config)),
+                        eval_split=load_eval_split(config))

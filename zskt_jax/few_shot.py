@@ -11,8 +11,8 @@ Batches are consecutive slices of an endless stream of per-epoch permutations of
 so every batch is full (M*C may be smaller than the batch), and the batch of iteration i is a
 function of (seed, i) alone, which makes a resumed run identical to an uninterrupted one.
 
-Writes ``{workdir}/checkpoints`` (``{'student': state}``, the format belief.load_student reads),
-``tensorboard/`` and ``results.json``, as the zero-shot job does.
+Writes ``{workdir}/checkpoints`` (``{'student': state}``, the format students.load_student
+reads), ``tensorboard/`` and ``results.json``, as the zero-shot job does.
 """
 import os
 from typing import Any, Dict
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import checkpoints, common, data, loop, losses, parallel, paths, reporting
+from zskt_jax import checkpoints, common, data, loop, losses, parallel, reporting, students
 from zskt_jax.errors import ConfigError
 from zskt_jax.parallel import DATA_AXIS
 from zskt_jax.state import create_state, sgd
@@ -143,9 +143,9 @@ def make_train_step(student_model, teacher_model, config, total_iterations: int,
 def _initial_student(config, state, mesh):
     """``state`` with the params and BN statistics of the zero-shot (or any) student at
     ``config.init_student_from``, checked to be the same network for the same teacher."""
-    from zskt_jax import belief  # load_student reads both zero-shot and few-shot checkpoints
-    _, variables, run_config, meta = belief.load_student(config.init_student_from, mesh,
-                                                         dtype_config=config)
+    # load_student reads both zero-shot and few-shot checkpoints
+    _, variables, run_config, meta = students.load_student(config.init_student_from, mesh,
+                                                           dtype_config=config)
     problems = checkpoints.compare_configs(run_config.to_dict(), config.to_dict(), (
         'dataset', 'student.arch', 'student.base_width', 'teacher.arch', 'teacher.base_width'))
     if problems:
@@ -195,9 +195,9 @@ def _make_evaluate(config, student_model, mesh, run, eval_split, teacher_accurac
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Train the student with KD+AT on M images per class; returns the results written to
     ``{workdir}/results.json``."""
-    info, mesh, teacher_variables, teacher_meta = common.distillation_setup(config)
-    teacher_model = common.build_network(config.teacher, info.num_classes, config)
-    student_model = common.build_network(config.student, info.num_classes, config)
+    setup = common.resolve_distillation(config, with_generator=False)
+    info, mesh, teacher_variables = setup.info, setup.mesh, setup.teacher_variables
+    teacher_model, student_model = setup.models.teacher, setup.models.student
 
     train_images, train_labels = common.load_split(config, info.train_split)
     subset = sample_per_class(train_labels, config.images_per_class, config.seed,
@@ -213,16 +213,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     tx = sgd(config.momentum, config.weight_decay, config.nesterov)
     state = create_state(student_model, init_key, jnp.zeros((2,) + info.image_shape), tx)
     state = parallel.replicate(state, mesh)
-    teacher_path = paths.absolute(common.teacher_dir(config))
+    teacher_path = setup.teacher_path
     run = loop.RunDir(workdir, config,
-                      validate_meta=checkpoints.same_teacher_as(teacher_meta, teacher_path))
+                      validate_meta=checkpoints.same_teacher_as(setup.teacher_meta, teacher_path))
     start, state, init_meta = _restore_or_initialise(config, state, mesh, run)
-    run.record = {'teacher_path': teacher_path, 'teacher_checksum': teacher_meta['checksum'],
-                  'init_student': init_meta}
-    eval_images, eval_labels = common.load_eval_split(config)
-    teacher_accuracy = common.teacher_accuracy(config, teacher_model, teacher_variables,
-                                               eval_images, eval_labels, mesh)
-    evaluate = _make_evaluate(config, student_model, mesh, run, (eval_images, eval_labels),
+    run.record = {'teacher_path': teacher_path,
+                  'teacher_checksum': setup.teacher_meta['checksum'], 'init_student': init_meta}
+    teacher_accuracy = setup.teacher_accuracy(config)
+    evaluate = _make_evaluate(config, student_model, mesh, run, setup.eval_split,
                               teacher_accuracy, total_iterations)
     if start == 0 and config.init_student_from:
         evaluate(0, state)  # the zero-shot student before fine-tuning

@@ -76,10 +76,9 @@ class RunDir:
     def finish(self, results: Dict[str, Any]) -> Optional[str]:
         """Close, then write ``results.json`` with the fields every job reports added."""
         self._close()
-        results.update(wall_time_s=self.clock(), history=self.history,
-                       devices=jax.device_count(), backend=jax.default_backend(),
-                       config=self.config_dict)
-        return reporting.write_results(self.workdir, results, active=self.is_main)
+        return reporting.finish_results(self.workdir, results, wall_time_s=self.clock(),
+                                        config=self.config_dict, active=self.is_main,
+                                        history=self.history)
 
     def _close(self):
         self.checkpoints.wait()

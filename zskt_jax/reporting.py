@@ -148,6 +148,18 @@ def format_seconds(seconds: float) -> str:
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
 
 
+def finish_results(workdir: str, results: Dict, *, wall_time_s: float, config: Dict,
+                   active: bool = True, **fields) -> Optional[str]:
+    """Every job's results writer: ``results`` with the fields every job reports added (its
+    wall time, the job's own ``fields`` such as its history, the devices, the backend and the
+    config), written as ``{workdir}/results.json`` (``write_results``). Returns the path, None
+    where ``active`` is False (every process but 0)."""
+    import jax
+    results.update(wall_time_s=wall_time_s, **fields, devices=jax.device_count(),
+                   backend=jax.default_backend(), config=config)
+    return write_results(workdir, results, active=active)
+
+
 def write_results(workdir: str, results: Dict, active: bool = True) -> Optional[str]:
     """Write ``results.json`` atomically (a partial file is never left behind)."""
     if not active:

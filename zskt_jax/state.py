@@ -1,4 +1,5 @@
-"""Pure-functional train states for the generator and the student, and their creation.
+"""Pure-functional train states for the generator and the student, their creation, and the
+zero-shot job's state (both of them and the replay memory) with its saved form.
 
 The teacher's variables are never part of a state: they are an argument of the step, frozen.
 """
@@ -40,6 +41,30 @@ class TrainState:
     def replace_from(self, saved):
         return self.replace(step=saved['step'], params=saved['params'],
                             batch_stats=saved['batch_stats'], opt_state=saved['opt_state'])
+
+
+@flax.struct.dataclass
+class ZeroShotState:
+    """Everything a zero-shot run trains and carries from one iteration to the next.
+
+    ``replay``: [replay_size, H, W, C] float32, the generated images of past iterations (a ring
+    buffer: iteration k writes its batch at rows (k mod (replay_size / B)) * B ...), or None
+    when replay is off. It is state like the networks': checkpointed, restored, replicated.
+    """
+    generator: TrainState
+    student: TrainState
+    replay: Any = None
+
+    def state_dict(self):
+        saved = {'generator': self.generator.state_dict(), 'student': self.student.state_dict()}
+        if self.replay is not None:
+            saved['replay'] = self.replay
+        return saved
+
+    def replace_from(self, saved):
+        return self.replace(generator=self.generator.replace_from(saved['generator']),
+                            student=self.student.replace_from(saved['student']),
+                            replay=saved.get('replay'))
 
 
 def adam(clip_norm: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
