@@ -101,10 +101,11 @@ def test_gpu_check_records_a_failed_part_and_goes_on(tmp_path):
                                *flags], cwd=ROOT, env=dict(os.environ, **env),
                               capture_output=True, text=True, timeout=300)
 
-    result = gpu_check('--parts=upsample_conv3x3,nonexistent')
-    assert result.returncode != 0 and "unknown part 'nonexistent'" in result.stderr
-
     out = tmp_path / 'gpu_check.json'
+    result = gpu_check(f'--out={out}', '--parts=upsample_conv3x3,nonexistent')
+    assert result.returncode != 0 and "unknown part(s) 'nonexistent'" in result.stderr
+    assert not out.exists()  # refused before any part ran
+
     result = gpu_check(f'--out={out}', '--parts=digits_default,upsample_conv3x3',
                        TFDS_DATA_DIR='/proc/no_such_dir')
     assert result.returncode == 1 and 'FAILED: digits_default' in result.stdout, result.stdout
