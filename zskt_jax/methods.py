@@ -1,7 +1,7 @@
 """The data-free distillation methods after ZSKT, by name, as presets of this project's one loop.
 
 A preset is a set of the zero-shot config's existing fields (the stabilisers of docs/method.md,
-section "After the paper"), chosen with ``--config.method=NAME`` on top of any pair, resolved
+section "Stabilisers"), chosen with ``--config.method=NAME`` on top of any pair, resolved
 once when the run starts (``resolve``), logged, and saved with the run (``results.json`` and every
 checkpoint hold the resolved config). A field given on the command line wins over the preset.
 The iteration, optimisers and schedules stay this project's (docs/methods.md says what that

@@ -85,15 +85,18 @@ def text(field, note='', **kw):
 
 def architecture(field):
     def ok(value):
-        from zskt_jax.models.wide_resnet import parse_arch
+        from zskt_jax.models import registry
         try:
-            parse_arch(value)
+            registry.get(value)
         except (ConfigError, TypeError):
             return False
         return True
-    return Rule(field, lambda v: isinstance(v, str) and ok(v),
-                "'WRN-<depth>-<width>' with depth 6n + 4 (10, 16, 22, 28, 40, ...), "
-                "e.g. 'WRN-40-2'")
+
+    def allowed():
+        from zskt_jax.models import registry
+        return ('an architecture of zskt_jax.models.registry: ' + ', '.join(registry.names())
+                + ", or 'WRN-<depth>-<width>' with depth 6n + 4 (10, 16, 22, 28, 40, ...)")
+    return Rule(field, lambda v: isinstance(v, str) and ok(v), allowed)
 
 
 def dataset(field='dataset'):
@@ -114,7 +117,8 @@ def compute_dtype():
 # The table: the rules of each job.
 
 def _network(section):
-    return (architecture(f'{section}.arch'), positive_int(f'{section}.base_width'),
+    return (architecture(f'{section}.arch'),
+            non_negative_int(f'{section}.base_width', " (0: the architecture's own)"),
             text(f'{section}.checkpoint', optional=True), text(f'{section}.recipe', optional=True))
 
 
