@@ -12,7 +12,7 @@ import numpy as np
 
 from zskt_jax import checkpoints, data, parallel, paths
 from zskt_jax.errors import ConfigError
-from zskt_jax.models import Generator, build_wide_resnet
+from zskt_jax.models import Generator, registry
 from zskt_jax.parallel import DATA_AXIS
 
 logger = logging.getLogger('zskt_jax')
@@ -37,11 +37,48 @@ def weight_grad_chunk(config) -> int:
     return chunk
 
 
+def network_width(net_config) -> int:
+    """The stem width of a ``config.teacher`` / ``config.student`` section: its ``base_width``,
+    or the architecture's own (16 for WRNs, 64 for the ResNets and VGG) where that is 0."""
+    return net_config.base_width or registry.get(net_config.arch).default_width
+
+
+def network_arch(net_config) -> str:
+    """The section's architecture under the name teachers are stored by ('wrn40_2' ->
+    'WRN-40-2')."""
+    return registry.canonical_name(net_config.arch)
+
+
 def build_network(net_config, num_classes: int, config):
-    """A WideResNet from a ``config.teacher`` / ``config.student`` section."""
-    return build_wide_resnet(net_config.arch, num_classes, net_config.base_width,
-                             axis_name=DATA_AXIS, dtype=compute_dtype(config),
-                             weight_grad_chunk=weight_grad_chunk(config))
+    """The network of a ``config.teacher`` / ``config.student`` section, by name from the model
+    registry (``zskt_jax.models.registry``), every BatchNorm averaging over the ``data`` axis."""
+    return registry.build(net_config.arch, num_classes, width=network_width(net_config),
+                          axis_name=DATA_AXIS, dtype=compute_dtype(config),
+                          weight_grad_chunk=weight_grad_chunk(config))
+
+
+def attention_pairs(config) -> Tuple[Tuple[int, int], ...]:
+    """Which stage outputs attention transfer compares, as (teacher stage, student stage) indices:
+    each student stage with the last teacher stage of the same spatial size (every WRN pair: its
+    three groups in order; ResNet-34 -> ResNet-18: all four layers). A pair with no stages of equal
+    size and ``beta > 0`` is a config error."""
+    size = data.dataset_info(config.dataset).image_shape[0]
+    teacher = registry.stages(config.teacher.arch, size, network_width(config.teacher))
+    student = registry.stages(config.student.arch, size, network_width(config.student))
+    pairs = []
+    for j, stage in enumerate(student):
+        same_size = [i for i, t in enumerate(teacher) if t.size == stage.size]
+        if same_size:
+            pairs.append((same_size[-1], j))
+    if config.beta > 0 and not pairs:
+        def sizes(stages):
+            return ', '.join(f'{s.name} {s.size}x{s.size}' for s in stages) or 'none declared'
+        raise ConfigError(
+            f'config.beta = {config.beta}: attention transfer needs teacher and student stages of '
+            f'equal spatial size, and {config.teacher.arch} -> {config.student.arch} at '
+            f'{size}x{size} has none (teacher: {sizes(teacher)}; student: {sizes(student)}). '
+            'Set --config.beta=0 to distil without attention transfer.')
+    return tuple(pairs)
 
 
 def build_generator(config):
@@ -58,7 +95,8 @@ def teacher_dir(config) -> str:
     default output, ``runs/teacher_{dataset}_{arch}/teacher``."""
     if config.teacher.checkpoint:
         return config.teacher.checkpoint
-    return os.path.join(default_teacher_workdir(config.dataset, config.teacher.arch), 'teacher')
+    return os.path.join(default_teacher_workdir(config.dataset, network_arch(config.teacher)),
+                        'teacher')
 
 
 def default_teacher_workdir(dataset: str, arch: str) -> str:
@@ -73,16 +111,17 @@ def load_teacher_for(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     recipe = config.teacher.get('recipe', '') or f'configs/teacher_{config.dataset}.py'
     hint = (f'python run.py --config={recipe} --config.dataset={config.dataset} '
             f'--config.teacher.arch={config.teacher.arch} '
-            f'--config.teacher.base_width={config.teacher.base_width} '
+            f'--config.teacher.base_width={network_width(config.teacher)} '
             f'--workdir={os.path.dirname(paths.absolute(path))}\n'
-            f'or import the authors\' PyTorch teacher:\n  python -m zskt_jax.import_torch '
-            f'--checkpoint=.../last.pth.tar --arch={config.teacher.arch} '
+            f'or import a published PyTorch teacher (the authors\' or the zju-vipa/CMI '
+            f'toolbox\'s):\n  python -m zskt_jax.import_torch '
+            f'--checkpoint=FILE.pth --arch={config.teacher.arch} '
             f'--dataset={config.dataset} --out={paths.absolute(path)}\n'
             'or point --config.teacher.checkpoint at an existing teacher directory.')
     variables, meta = checkpoints.load_teacher(path, make_hint=hint)
     checkpoints.check_teacher(meta, num_classes=info.num_classes, image_shape=info.image_shape,
-                              teacher_arch=config.teacher.arch,
-                              teacher_base_width=config.teacher.base_width, path=path)
+                              teacher_arch=network_arch(config.teacher),
+                              teacher_base_width=network_width(config.teacher), path=path)
     return variables, meta
 
 

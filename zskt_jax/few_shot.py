@@ -101,6 +101,8 @@ def num_iterations(config, full_train_size: int) -> int:
 def make_train_step(student_model, teacher_model, config, total_iterations: int, mesh):
     """Compiled KD+AT SGD step: (state, teacher_variables, images uint8, labels, key) ->
     (state, metrics), data parallel like teacher.make_train_step."""
+    attention_pairs = common.attention_pairs(config)
+
     def per_device(state, teacher_variables, images, labels, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
         images = augment(key, images, config.augment)
@@ -116,8 +118,10 @@ def make_train_step(student_model, teacher_model, config, total_iterations: int,
             (logits, activations), updated = student_model.apply(
                 {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
                 mutable=['batch_stats'])
-            loss, ce, kl, at = losses.kd_at_loss(logits, teacher_logits, labels, activations,
-                                                 teacher_activations, config.alpha,
+            teacher_stages, student_stages = losses.paired_stages(
+                teacher_activations, activations, attention_pairs)
+            loss, ce, kl, at = losses.kd_at_loss(logits, teacher_logits, labels, student_stages,
+                                                 teacher_stages, config.alpha,
                                                  config.temperature, config.beta)
             return jax.lax.pmean(loss, DATA_AXIS), (updated['batch_stats'], logits, ce, kl, at)
 

@@ -69,6 +69,7 @@ class Settings(NamedTuple):
     generator_lr: float
     student_lr: float
     unroll: bool
+    attention_pairs: tuple = None   # (teacher stage, student stage) pairs; None: all, in order
 
 
 def _pmean(x):
@@ -244,9 +245,11 @@ def student_updates(settings: Settings, student: TrainState, images, teacher_log
         def loss_fn(params):
             student_logits, student_activations, stats = student_forward(
                 settings.models, params, student.batch_stats, images)
-            loss, kl, at = losses.student_loss(teacher_logits, student_logits,
-                                               teacher_activations, student_activations,
-                                               settings.beta, settings.discrepancy)
+            teacher_stages, student_stages = losses.paired_stages(
+                teacher_activations, student_activations, settings.attention_pairs)
+            loss, kl, at = losses.student_loss(teacher_logits, student_logits, teacher_stages,
+                                               student_stages, settings.beta,
+                                               settings.discrepancy)
             return _pmean(loss), (stats, kl, at, student_logits)
 
         (loss, (stats, kl, at, student_logits)), grads = jax.value_and_grad(
@@ -289,7 +292,8 @@ def iteration_metrics(name: str, generator_outputs, student_metrics, teacher_log
 def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_steps: int,
                         beta: float, num_iterations: int, generator_lr: float,
                         student_lr: float, unroll: bool = False,
-                        stabilisers: Stabilisers = Stabilisers()) -> Callable:
+                        stabilisers: Stabilisers = Stabilisers(),
+                        attention_pairs=None) -> Callable:
     """Per-device body of one iteration: n_g generator updates, then n_s student updates.
 
     (generator, student, teacher_variables, z [B_local, z_dim]) -> (generator, student, metrics).
@@ -301,11 +305,13 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
     summed by shard_map, would be multiplied by the device count).
     ``unroll``: trace the n_g and n_s updates one after another instead of as a ``lax.scan``
     (see ``repeat``); the result is the same. Stabilisers with weight 0 are not traced at all.
+    ``attention_pairs``: the (teacher stage, student stage) pairs attention transfer compares
+    (``common.attention_pairs``); None compares every stage in order.
     """
     settings = Settings(
         models, stabilisers, losses.adversarial_discrepancy(stabilisers.adversarial_loss),
         n_generator_steps, n_student_steps, beta, num_iterations, generator_lr, student_lr,
-        unroll)
+        unroll, attention_pairs)
 
     def body(generator: TrainState, student: TrainState, teacher_variables, z, *replay):
         iteration = student.step

@@ -32,7 +32,8 @@ def default_workdir(config, config_path: str) -> str:
     """runs/<config file name>; a teacher goes where the distillation looks for it by default."""
     if config.job == 'teacher':
         from zskt_jax import common
-        return common.default_teacher_workdir(config.dataset, config.teacher.arch)
+        return common.default_teacher_workdir(config.dataset,
+                                              common.network_arch(config.teacher))
     return os.path.join('runs', os.path.splitext(os.path.basename(config_path))[0])
 
 

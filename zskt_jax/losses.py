@@ -47,6 +47,16 @@ def attention_transfer(student_activations: Sequence, teacher_activations: Seque
     return total
 
 
+def paired_stages(teacher_activations: Sequence, student_activations: Sequence, pairs=None):
+    """The stage outputs attention transfer compares, in pairs: ``pairs`` of (teacher index,
+    student index) (``common.attention_pairs``), or None for every stage in order (the WRN pairs'
+    three groups: the paper's attention transfer)."""
+    if pairs is None:
+        return teacher_activations, student_activations
+    return ([teacher_activations[i] for i, _ in pairs],
+            [student_activations[j] for _, j in pairs])
+
+
 def generator_loss(teacher_logits, student_logits, discrepancy=kl_divergence):
     """The generator maximises KL(T || S): loss_G = -KL. No attention term (docs/method.md).
     ``discrepancy``: another D(T, S) in place of the KL (``adversarial_discrepancy``)."""

@@ -152,7 +152,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                 100 * accuracy)
     teacher_path = config.teacher.checkpoint or os.path.join(workdir, 'teacher')
     checkpoints.save_teacher(teacher_path, variables, {
-        'arch': config.teacher.arch, 'base_width': config.teacher.base_width,
+        'arch': common.network_arch(config.teacher),
+        'base_width': common.network_width(config.teacher),
         'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
         'dataset': config.dataset, 'test_accuracy': accuracy, 'source': 'trained',
         'epochs': config.epochs})

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zskt_jax import checkpoints, parallel
+from zskt_jax import checkpoints, common, parallel
 from zskt_jax.common import Distillation, Models  # noqa: F401 (Models: zero_shot.Models)
 from zskt_jax.errors import ConfigError, NonFiniteLossError  # noqa: F401 (raised by the loop)
 # The iteration's names, importable from here as before (tests patch zero_shot._bn_layers).
@@ -59,7 +59,8 @@ def make_iteration_fn(models: Models, config, mesh, donate: bool = False) -> Cal
     body = make_iteration_body(
         models, n_generator_steps=config.n_g, n_student_steps=config.n_s, beta=config.beta,
         num_iterations=config.num_iterations, generator_lr=config.generator_lr,
-        student_lr=config.student_lr, unroll=use_unrolled_loops(config), stabilisers=stabilisers)
+        student_lr=config.student_lr, unroll=use_unrolled_loops(config), stabilisers=stabilisers,
+        attention_pairs=common.attention_pairs(config))
     draw = functools.partial(draw_z, batch_size=config.batch_size, z_dim=config.generator.z_dim)
     draw_replay = functools.partial(draw_replay_indices, batch_size=config.batch_size,
                                     replay_size=stabilisers.replay_size,
@@ -89,9 +90,9 @@ def make_iteration_fn(models: Models, config, mesh, donate: bool = False) -> Cal
 # ----------------------------------------------------------------------------------------------
 # The job: python run.py --config=configs/svhn.py --workdir=...
 
-# A checkpoint written before the stabilisers existed ran the paper's loop: it resumes into a
-# run whose stabilisers are all off.
-RESUME_DEFAULTS = Stabilisers()._asdict()
+# A checkpoint written before the stabilisers (or config.method) existed ran the paper's loop:
+# it resumes into a run whose stabilisers are all off and that names no method.
+RESUME_DEFAULTS = dict(Stabilisers()._asdict(), method='')
 
 
 def num_seeds(config) -> int:

@@ -21,8 +21,9 @@ Options of ``build``: ``width`` (the stem/base width: 16 for WRNs, 64 for the Re
 ``base_width`` is accepted as its synonym, the config field's name), ``axis_name``, ``dtype``,
 ``weight_grad_chunk``, each as the WideResNet's.
 """
+import inspect
 import re
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 from zskt_jax.errors import ConfigError
 from zskt_jax.models import resnet, vgg
@@ -44,12 +45,16 @@ class Architecture(NamedTuple):
     stage_sizes: Callable[[int], Tuple[int, ...]]
     stage_channels: Callable[[int], Tuple[int, ...]]
     stage_names: Tuple[str, ...]
+    # A registered network's own (image_size) -> ((name, size, channels), ...), where given.
+    user_stages: Optional[Callable[[int], Sequence[Tuple[str, int, int]]]] = None
 
     def build(self, num_classes: int, width: Optional[int] = None, **options):
         return self.builder(num_classes, self.default_width if width is None else width,
                             **options)
 
     def stages(self, image_size: int, width: Optional[int] = None) -> Tuple[Stage, ...]:
+        if self.family == 'user':
+            return tuple(Stage(*s) for s in (self.user_stages or (lambda size: ()))(image_size))
         width = self.default_width if width is None else width
         return tuple(Stage(*s) for s in zip(self.stage_names, self.stage_sizes(image_size),
                                             self.stage_channels(width)))
@@ -98,14 +103,82 @@ def _vgg(name: str) -> Architecture:
         stage_names=tuple(f'block{b}' for b in range(len(vgg.CONFIGS[name]))))
 
 
+# ----------------------------------------------------------------------------------------------
+# Architectures of the user's own (docs/own_teacher.md)
+
+_REGISTERED: Dict[str, Architecture] = {}
+
+
+class UserModule:
+    """A user's Flax module as the jobs call a registered network: ``apply`` returns
+    ``(logits, stage_outputs)`` (stage outputs () where the module returns logits alone), and
+    the keyword ``train`` reaches the module only if its ``__call__`` takes it."""
+
+    def __init__(self, module):
+        self.module = module
+        self.takes_train = 'train' in inspect.signature(type(module).__call__).parameters
+
+    def _kwargs(self, kwargs):
+        return kwargs if self.takes_train else {k: v for k, v in kwargs.items() if k != 'train'}
+
+    def init(self, rngs, *args, **kwargs):
+        return self.module.init(rngs, *args, **self._kwargs(kwargs))
+
+    def apply(self, variables, *args, **kwargs):
+        result = self.module.apply(variables, *args, **self._kwargs(kwargs))
+        if kwargs.get('mutable'):
+            outputs, state = result
+            return self._pair(outputs), state
+        return self._pair(result)
+
+    @staticmethod
+    def _pair(outputs):
+        if isinstance(outputs, (tuple, list)) and len(outputs) == 2:
+            return outputs[0], tuple(outputs[1])
+        return outputs, ()
+
+
+def register(name: str, build: Callable[..., Any],
+             stages: Optional[Callable[[int], Sequence[Tuple[str, int, int]]]] = None,
+             default_width: int = 0) -> None:
+    """Make a network of your own available by name, as a teacher (``config.teacher.arch``).
+
+    ``build(num_classes, **options)``: returns a Flax module whose ``apply(variables, x)`` gives
+    the logits, or ``(logits, stage_outputs)``; ``options`` are the registry's (``width``,
+    ``axis_name``, ``dtype``, ``weight_grad_chunk``): take the ones the module uses, ignore the
+    rest (``**_``). ``stages(image_size)``: its stage outputs as (name, spatial size, channels)
+    in the order the module returns them, for attention transfer; None: no stages (then the run
+    needs ``beta = 0``). Registering a name the registry already knows is refused."""
+    try:
+        get(name)
+    except ConfigError:
+        pass
+    else:
+        raise ConfigError(f'architecture {name!r} is already registered')
+    stage_list = stages or (lambda image_size: ())
+    _REGISTERED[name] = Architecture(
+        name=name, family='user', default_width=default_width,
+        builder=lambda num_classes, width, **options: UserModule(
+            build(num_classes, width=width, **options)),
+        stage_sizes=lambda size: tuple(s[1] for s in stage_list(size)),
+        stage_channels=lambda width: (), stage_names=(), user_stages=stage_list)
+
+
+def unregister(name: str) -> None:
+    """Forget an architecture ``register`` added."""
+    _REGISTERED.pop(name, None)
+
+
 def names() -> Tuple[str, ...]:
     """The names listed: the toolbox's, then the project's WRN examples (any
-    'WRN-<6n+4>-<k>' / 'wrn<6n+4>_<k>' is accepted)."""
-    return TOOLBOX_NAMES + ('WRN-16-1', 'WRN-16-2', 'WRN-40-1', 'WRN-40-2')
+    'WRN-<6n+4>-<k>' / 'wrn<6n+4>_<k>' is accepted), then those registered."""
+    return TOOLBOX_NAMES + ('WRN-16-1', 'WRN-16-2', 'WRN-40-1', 'WRN-40-2') + tuple(_REGISTERED)
 
 
 def get(name: str) -> Architecture:
     """The architecture called ``name``, or a ConfigError listing the names."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     canonical = canonical_name(name)
     if canonical.startswith('WRN-'):
         return _wide_resnet(canonical)
