@@ -103,6 +103,22 @@ def default_teacher_workdir(dataset: str, arch: str) -> str:
     return os.path.join('runs', f'teacher_{dataset}_{arch}')
 
 
+def write_teacher(path: str, variables, arch: str, dataset: str, base_width: int = 0,
+                  source: str = 'own') -> str:
+    """Save a teacher's variables (``params``, ``batch_stats``) where a distillation loads it
+    from (``--config.teacher.checkpoint=path``), with the record it is checked against: a
+    network of the registry (``arch``, its ``base_width``: 0 for the architecture's own) for
+    ``dataset``'s classes and image size (docs/own_teacher.md)."""
+    info = data.dataset_info(dataset)
+    architecture = registry.get(arch)
+    checkpoints.save_teacher(path, variables, {
+        'arch': registry.canonical_name(arch),
+        'base_width': base_width or architecture.default_width,
+        'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
+        'dataset': dataset, 'source': source})
+    return path
+
+
 def load_teacher_for(config) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """The teacher's variables and record, checked against the config and dataset."""
     path = teacher_dir(config)
@@ -218,6 +234,22 @@ class Distillation:
                                 *self.eval_split, self.mesh)
 
 
+def _check_teacher_batchnorms(config, teacher, teacher_variables, info) -> None:
+    """BN-statistics matching reads the input moments that the project's BatchNorm
+    (``models.layers.BatchNorm``) records; a teacher without any would add a silent 0."""
+    from zskt_jax.models.layers import INPUT_MOMENTS
+    x = jax.ShapeDtypeStruct((2,) + tuple(info.image_shape), jnp.float32)
+    _, sown = jax.eval_shape(lambda v, x: teacher.apply(v, x, train=False,
+                                                        mutable=[INPUT_MOMENTS]),
+                             teacher_variables, x)
+    if not jax.tree.leaves(sown.get(INPUT_MOMENTS, {})):
+        raise ConfigError(
+            f'config.bn_weight = {config.bn_weight}: the BatchNorm-statistics term needs a '
+            f'teacher whose BatchNorms record their input moments (zskt_jax.models.layers.'
+            f'BatchNorm), and {config.teacher.arch} has none. Set --config.bn_weight=0, or build '
+            'the teacher with that BatchNorm (docs/own_teacher.md).')
+
+
 def resolve_distillation(config, with_generator: bool = True) -> Distillation:
     """What every distillation starts from, with the batch checked against the mesh: the
     networks, the teacher loaded, checked and replicated, and the evaluation split."""
@@ -228,6 +260,8 @@ def resolve_distillation(config, with_generator: bool = True) -> Distillation:
     models = Models(generator=build_generator(config) if with_generator else None,
                     student=build_network(config.student, info.num_classes, config),
                     teacher=build_network(config.teacher, info.num_classes, config))
+    if config.get('bn_weight', 0) > 0:
+        _check_teacher_batchnorms(config, models.teacher, teacher_variables, info)
     return Distillation(info=info, mesh=mesh, models=models,
                         teacher_variables=parallel.replicate(teacher_variables, mesh),
                         teacher_meta=teacher_meta,
