@@ -47,6 +47,10 @@ ITERATION_VARIANTS = (
     ('bfloat16', ['--compute_dtype', 'bfloat16', '--skip_torch']),
     ('num_seeds_3', ['--num_seeds', '3', '--skip_torch']),
     ('unrolled', ['--update_loop', 'unroll', '--skip_torch']),
+    # The field's main pair at the toolbox's batch: ResNet-34 -> ResNet-18 (widths 64), batch 256
+    # (--quick keeps its tiny sizes and batch).
+    ('resnet34_resnet18_b256', ['--teacher', 'resnet34', '--student', 'resnet18',
+                                '--batch_size', '256', '--skip_torch']),
 )
 # The paper's generator layers: (input [B, H, W, Ci], Co) at batch 128, hidden 128.
 UPSAMPLE_LAYERS = (((128, 8, 8, 128), 128), ((128, 16, 16, 128), 64))
@@ -74,7 +78,11 @@ QUICK_DIGITS = ['--config.teacher.arch=WRN-10-1', '--config.teacher.base_width=4
 def time_iteration(flags, quick: bool):
     """benchmarks/iteration.py's whole result (JAX, and PyTorch unless --skip_torch)."""
     import iteration  # benchmarks/iteration.py, beside this file (imported once TFDS is there)
-    return iteration.main(flags + (['--quick', '--repeats', '2', '--warmup', '1'] if quick else []))
+    if quick:  # the tiny sizes of --quick, whatever batch the variant names
+        flags = [f for i, f in enumerate(flags)
+                 if f != '--batch_size' and (i == 0 or flags[i - 1] != '--batch_size')]
+        flags += ['--quick', '--repeats', '2', '--warmup', '1']
+    return iteration.main(flags)
 
 
 def time_upsample(quick: bool, repeats: int, log):
@@ -153,9 +161,9 @@ def parts(quick: bool, workdir: str, log):
 
 
 # Default order: the user's job first, then the paper's iteration against PyTorch, then the rest.
-DEFAULT_ORDER = ('digits_default', 'float32', 'digits_wrn16_2_to_wrn16_1',
-                 'digits_default_unsliced', 'bfloat16', 'upsample_conv3x3', 'unrolled',
-                 'num_seeds_3')
+DEFAULT_ORDER = ('digits_default', 'float32', 'resnet34_resnet18_b256',
+                 'digits_wrn16_2_to_wrn16_1', 'digits_default_unsliced', 'bfloat16',
+                 'upsample_conv3x3', 'unrolled', 'num_seeds_3')
 
 
 def install_device_dir(device_dir: str, log) -> None:

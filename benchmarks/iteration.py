@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zskt_jax.models import registry
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IMAGES_PER_SECOND = ('images/s = generated images consumed per second = '
@@ -45,7 +47,8 @@ def parse_args(argv):
     parser.add_argument('--repeats', type=int, help='timed iterations (median reported; default 5)')
     parser.add_argument('--warmup', type=int, help='untimed iterations after compilation (default 2)')
     parser.add_argument('--batch_size', type=int, help='global batch (default: config, 128)')
-    parser.add_argument('--teacher', help='teacher architecture (default: config, WRN-40-2)')
+    parser.add_argument('--teacher', help='teacher architecture, any name of the model registry '
+                        '(resnet34, vgg11, WRN-40-2, ...; default: config, WRN-40-2)')
     parser.add_argument('--student', help='student architecture (default: config, WRN-16-1)')
     parser.add_argument('--n_g', type=int, help='generator updates per iteration (default 1)')
     parser.add_argument('--n_s', type=int, help='student updates per iteration (default 10)')
@@ -89,10 +92,10 @@ def build_config(args):
     """configs/default.py (the paper's settings) with the flags applied."""
     from configs import default
     config = default.get_config()
-    if args.teacher:
-        config.teacher.arch = args.teacher
+    if args.teacher:  # any name of zskt_jax.models.registry, at its own width by default
+        config.teacher.arch, config.teacher.base_width = args.teacher, 0
     if args.student:
-        config.student.arch = args.student
+        config.student.arch, config.student.base_width = args.student, 0
     if args.base_width:
         config.teacher.base_width = config.student.base_width = args.base_width
     if args.generator_hidden:
@@ -322,7 +325,12 @@ def main(argv=None):
             'may not be representative')
 
     torch_result, speedup, same_result, same_speedup = None, None, None, None
-    if not args.skip_torch:
+    wide_resnets = all(registry.get(arch).family == 'wrn'
+                       for arch in (config.teacher.arch, config.student.arch))
+    if not args.skip_torch and not wide_resnets:
+        log('PyTorch baseline: skipped (benchmarks/torch_baseline.py builds the authors\' '
+            'WideResNets only)')
+    elif not args.skip_torch:
         if args.torch_threads is None:
             args.torch_threads = 0  # every core
         log("PyTorch baseline: the authors' iteration (benchmarks/torch_baseline.py)")

@@ -77,7 +77,9 @@ def test_gpu_check_quick_runs_as_on_the_gpu_image(tmp_path):
     assert report['tensorflow_datasets_from'].startswith(tempfile.gettempdir())
     parts = report['parts']
     variants = {name: parts[name] for name in ('float32', 'bfloat16', 'unrolled', 'num_seeds_3')}
-    float32_output = result.stdout.split('== float32 ==')[1].split('== bfloat16 ==')[0]
+    resnet = parts['resnet34_resnet18_b256']
+    assert resnet['jax']['seconds_per_iteration'] > 0 and resnet['torch'] is None
+    float32_output = result.stdout.split('== float32 ==')[1].split('== resnet34_resnet18_b256 ==')[0]
     check_iteration_output(float32_output, variants['float32'])
     assert [variants[v]['jax']['compute_dtype'] for v in variants] == [
         'float32', 'bfloat16', 'float32', 'float32']
