@@ -49,11 +49,12 @@ def network_arch(net_config) -> str:
     return registry.canonical_name(net_config.arch)
 
 
-def build_network(net_config, num_classes: int, config):
+def build_network(net_config, num_classes: int, config, axis_name=DATA_AXIS):
     """The network of a ``config.teacher`` / ``config.student`` section, by name from the model
-    registry (``zskt_jax.models.registry``), every BatchNorm averaging over the ``data`` axis."""
+    registry (``zskt_jax.models.registry``), every BatchNorm averaging over ``axis_name`` (the
+    ``data`` axis of the jobs' shard_map; None outside one)."""
     return registry.build(net_config.arch, num_classes, width=network_width(net_config),
-                          axis_name=DATA_AXIS, dtype=compute_dtype(config),
+                          axis_name=axis_name, dtype=compute_dtype(config),
                           weight_grad_chunk=weight_grad_chunk(config))
 
 
@@ -234,10 +235,12 @@ class Distillation:
                                 *self.eval_split, self.mesh)
 
 
-def _check_teacher_batchnorms(config, teacher, teacher_variables, info) -> None:
+def _check_teacher_batchnorms(config, teacher_variables, info) -> None:
     """BN-statistics matching reads the input moments that the project's BatchNorm
-    (``models.layers.BatchNorm``) records; a teacher without any would add a silent 0."""
+    (``models.layers.BatchNorm``) records; a teacher without any would add a silent 0. (Traced
+    for shapes only, with BatchNorms that average over no mesh axis.)"""
     from zskt_jax.models.layers import INPUT_MOMENTS
+    teacher = build_network(config.teacher, info.num_classes, config, axis_name=None)
     x = jax.ShapeDtypeStruct((2,) + tuple(info.image_shape), jnp.float32)
     _, sown = jax.eval_shape(lambda v, x: teacher.apply(v, x, train=False,
                                                         mutable=[INPUT_MOMENTS]),
@@ -261,7 +264,7 @@ def resolve_distillation(config, with_generator: bool = True) -> Distillation:
                     student=build_network(config.student, info.num_classes, config),
                     teacher=build_network(config.teacher, info.num_classes, config))
     if config.get('bn_weight', 0) > 0:
-        _check_teacher_batchnorms(config, models.teacher, teacher_variables, info)
+        _check_teacher_batchnorms(config, teacher_variables, info)
     return Distillation(info=info, mesh=mesh, models=models,
                         teacher_variables=parallel.replicate(teacher_variables, mesh),
                         teacher_meta=teacher_meta,
