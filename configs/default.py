@@ -13,8 +13,8 @@ def get_config():
     config.data_dir = ''              # TFDS data dir; '' = TFDS's default (~/tensorflow_datasets)
 
     config.teacher = ml_collections.ConfigDict()
-    config.teacher.arch = 'WRN-40-2'  # WRN-depth-width
-    config.teacher.base_width = 16    # channels of the stem; the paper's WRNs use 16
+    config.teacher.arch = 'WRN-40-2'  # a name of zskt_jax.models.registry: WRN-depth-width, resnet34, vgg11, ...
+    config.teacher.base_width = 16    # channels of the stem (the paper's WRNs: 16); 0 = the architecture's own
     config.teacher.checkpoint = ''    # teacher directory; '' = runs/teacher_{dataset}_{arch}/teacher
     config.teacher.recipe = ''        # a teacher config file run first when the teacher is missing
 
