@@ -25,6 +25,7 @@ F = torch.nn.functional
 from zskt_jax import checkpoints, import_torch  # noqa: E402
 from zskt_jax.errors import ConfigError  # noqa: E402
 from zskt_jax.models import registry  # noqa: E402
+from test_import_torch import randomize  # noqa: E402  (every tensor of a state dict random)
 
 torch.set_num_threads(1)  # 2 OpenMP threads on a busy 2-core machine run ~30x slower
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,27 +116,6 @@ def torch_model(arch, num_classes=10, width=64):
         return TorchVGG11(num_classes, width)
     return TorchResNet({'resnet18': [2, 2, 2, 2], 'resnet34': [3, 4, 6, 3]}[arch], num_classes,
                        width)
-
-
-def randomize(module, seed):
-    """Random weights AND random BatchNorm statistics/affine parameters, so that every tensor of
-    the state dict matters to the comparison."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=generator))
-                m.bias.copy_(0.2 * torch.randn(c, generator=generator))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=generator))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=generator)
-                               * np.sqrt(2.0 / fan_in))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=generator))
-    return module
 
 
 def numpy_state_dict(model):
