@@ -43,7 +43,7 @@ def test_every_config_of_the_project_passes(name):
 
 @pytest.mark.parametrize('name, overrides, fields', [
     ('digits', {'batch_size': 0, 'num_iterations': -5}, ['num_iterations', 'batch_size']),
-    ('digits', {'n_g': 0, 'n_s': -1, 'generator.hidden': 0, 'student.base_width': 0},
+    ('digits', {'n_g': 0, 'n_s': -1, 'generator.hidden': 0, 'student.base_width': -1},
      ['student.base_width', 'generator.hidden', 'n_g', 'n_s']),
     ('digits', {'beta': -1.0, 'bn_weight': -0.1, 'student_lr': 0.0, 'generator_lr': float('nan')},
      ['generator_lr', 'student_lr', 'beta', 'bn_weight']),
