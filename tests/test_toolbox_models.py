@@ -25,7 +25,7 @@ F = torch.nn.functional
 from zskt_jax import checkpoints, import_torch  # noqa: E402
 from zskt_jax.errors import ConfigError  # noqa: E402
 from zskt_jax.models import registry  # noqa: E402
-from test_import_torch import randomize  # noqa: E402  (every tensor of a state dict random)
+from test_import_torch import assert_close, randomize, to_nhwc  # noqa: E402,F401
 
 torch.set_num_threads(1)  # 2 OpenMP threads on a busy 2-core machine run ~30x slower
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,19 +120,6 @@ def torch_model(arch, num_classes=10, width=64):
 
 def numpy_state_dict(model):
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-
-
-def to_nhwc(t):
-    return np.asarray(t.detach().numpy()).transpose(0, 2, 3, 1)
-
-
-def assert_close(actual, expected, rtol=1e-4, what=''):
-    """Agreement within rtol of the tensor's scale (max |expected|)."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    scale = np.max(np.abs(expected))
-    error = np.max(np.abs(actual - expected))
-    assert error <= rtol * scale, f'{what}: max abs error {error:.3g} > {rtol} * {scale:.3g}'
 
 
 def count(tree):

@@ -104,19 +104,25 @@ def default_teacher_workdir(dataset: str, arch: str) -> str:
     return os.path.join('runs', f'teacher_{dataset}_{arch}')
 
 
+def teacher_record(arch: str, dataset: str, base_width: int = 0, **fields) -> Dict[str, Any]:
+    """The record a teacher is saved with and checked against (``checkpoints.check_teacher``):
+    a network of the registry (``arch`` under its canonical name, its ``base_width``: 0 for the
+    architecture's own) for ``dataset``'s classes and image size, plus ``fields`` (source,
+    accuracy, ...)."""
+    info = data.dataset_info(dataset)
+    return {'arch': registry.canonical_name(arch),
+            'base_width': base_width or registry.get(arch).default_width,
+            'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
+            'dataset': dataset, **fields}
+
+
 def write_teacher(path: str, variables, arch: str, dataset: str, base_width: int = 0,
                   source: str = 'own') -> str:
     """Save a teacher's variables (``params``, ``batch_stats``) where a distillation loads it
-    from (``--config.teacher.checkpoint=path``), with the record it is checked against: a
-    network of the registry (``arch``, its ``base_width``: 0 for the architecture's own) for
-    ``dataset``'s classes and image size (docs/own_teacher.md)."""
-    info = data.dataset_info(dataset)
-    architecture = registry.get(arch)
-    checkpoints.save_teacher(path, variables, {
-        'arch': registry.canonical_name(arch),
-        'base_width': base_width or architecture.default_width,
-        'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
-        'dataset': dataset, 'source': source})
+    from (``--config.teacher.checkpoint=path``), with its ``teacher_record``
+    (docs/own_teacher.md)."""
+    checkpoints.save_teacher(path, variables,
+                             teacher_record(arch, dataset, base_width, source=source))
     return path
 
 

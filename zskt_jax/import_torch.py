@@ -368,7 +368,7 @@ def import_teacher(checkpoint: str, arch: str, dataset: str, out: Optional[str] 
                    base_width: Optional[int] = None) -> Tuple[str, Dict[str, Any]]:
     """Convert ``checkpoint`` and write it as a teacher directory; returns (out, meta).
     ``base_width``: the stem/base width, None for the architecture's own."""
-    from zskt_jax import checkpoints, data
+    from zskt_jax import checkpoints, common, data
     info = data.dataset_info(dataset)
     architecture = registry.get(arch)
     arch = architecture.name  # 'wrn40_2' -> 'WRN-40-2', the name the zero-shot configs use
@@ -380,9 +380,8 @@ def import_teacher(checkpoint: str, arch: str, dataset: str, out: Optional[str] 
     except StateDictMismatchError as error:
         raise StateDictMismatchError(f'{checkpoint}: {error}') from None
     check_against_model(variables, arch, info.num_classes, base_width, info.image_shape)
-    meta = {'arch': arch, 'base_width': base_width, 'num_classes': info.num_classes,
-            'image_shape': list(info.image_shape), 'dataset': dataset,
-            'source': f'pytorch:{os.path.abspath(checkpoint)}'}
+    meta = common.teacher_record(arch, dataset, base_width,
+                                 source=f'pytorch:{os.path.abspath(checkpoint)}')
     if evaluate:
         accuracy = evaluate_teacher(variables, arch, dataset, base_width, data_dir)
         if accuracy is not None:

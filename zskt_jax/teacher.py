@@ -151,12 +151,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     logger.info('Teacher %s test accuracy on %s: %.2f%%', config.teacher.arch, config.dataset,
                 100 * accuracy)
     teacher_path = config.teacher.checkpoint or os.path.join(workdir, 'teacher')
-    checkpoints.save_teacher(teacher_path, variables, {
-        'arch': common.network_arch(config.teacher),
-        'base_width': common.network_width(config.teacher),
-        'num_classes': info.num_classes, 'image_shape': list(info.image_shape),
-        'dataset': config.dataset, 'test_accuracy': accuracy, 'source': 'trained',
-        'epochs': config.epochs})
+    checkpoints.save_teacher(teacher_path, variables, common.teacher_record(
+        config.teacher.arch, config.dataset, common.network_width(config.teacher),
+        test_accuracy=accuracy, source='trained', epochs=config.epochs))
     results = {'job': 'teacher', 'teacher_accuracy': accuracy,
                'teacher_path': paths.absolute(teacher_path)}
     run.finish(results)
