@@ -134,7 +134,7 @@ def summarise_seeds():
     config_path = config_flags.get_config_filename(FLAGS['config'])
     workdir = FLAGS.workdir or launch.default_workdir(config, config_path)
     seeds = [int(s) for s in FLAGS.seeds]
-    methods.resolve(config, methods.overridden_fields(sys.argv[1:]))  # --config.method's preset
+    methods.resolve(config, launch.overridden_fields(sys.argv[1:]))  # --config.method's preset
     validation.check(config, workdir)  # every field and the workdir, before any seed runs
     if config.job == 'zero_shot':
         launch.train_teacher_if_missing(config, config_path)

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 from configs import cifar10, cifar100, default, digits
 from tiny_config import write_config_file
-from zskt_jax import methods
+from zskt_jax import launch, methods
 from zskt_jax.errors import ConfigError
 
 
@@ -74,7 +74,7 @@ def test_command_line_fields_win_and_unknown_names_are_refused():
     config = cifar10.get_config()
     config.method = 'dfq'
     config.bn_weight = 0.5
-    resolved = methods.resolve(config, methods.overridden_fields(
+    resolved = methods.resolve(config, launch.overridden_fields(
         ['--config=configs/cifar10.py', '--config.method=dfq', '--config.bn_weight=0.5']))
     assert resolved['bn_weight'] == 0.5 and resolved['one_hot_weight'] == pytest.approx(0.1)
     config.method = 'cmi'

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from zskt_jax import launch, methods
+from zskt_jax import launch
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file; override fields with '
                                 '--config.FIELD=VALUE.', lock_config=True)
@@ -41,7 +41,7 @@ def main(argv):
     launch.main(FLAGS.config, config_flags.get_config_filename(FLAGS['config']), FLAGS.workdir,
                 coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                 process_id=FLAGS.process_id, distributed=FLAGS.distributed, verbose=FLAGS.verbose,
-                overridden=methods.overridden_fields(sys.argv[1:]))
+                overridden=launch.overridden_fields(sys.argv[1:]))
 
 
 def run():

@@ -263,6 +263,17 @@ def _main(config, config_path, workdir, coordinator_address, num_processes, proc
             print(' '.join(summary))
 
 
+def overridden_field(arg: str):
+    """The dotted config field a command-line argument sets ('student.arch' for
+    ``--config.student.arch=resnet18`` or ``--config.student.arch``), else None."""
+    return arg[len('--config.'):].split('=', 1)[0] if arg.startswith('--config.') else None
+
+
+def overridden_fields(argv) -> set:
+    """Every config field a command line sets: {'bn_weight', 'student.arch'}."""
+    return {field for field in map(overridden_field, argv) if field}
+
+
 def check_overrides(argv) -> None:
     """Fail early, naming the field, when a --config.FIELD override names no field of the config
     (ml_collections would otherwise fail with a bare AttributeError deep in flag parsing)."""
@@ -272,9 +283,9 @@ def check_overrides(argv) -> None:
         return
     config = load_config_file(config_path)
     for arg in argv:
-        if not arg.startswith('--config.'):
+        dotted = overridden_field(arg)
+        if dotted is None:
             continue
-        dotted = arg[len('--config.'):].split('=', 1)[0]
         node = config
         for depth, part in enumerate(dotted.split('.')):
             if not hasattr(node, 'keys') or part not in node.keys():

@@ -133,9 +133,3 @@ def resolve(config, overridden: Iterable[str] = ()) -> Dict:
         for field, value in resolved.items()))
     return resolved
 
-
-def overridden_fields(argv: Iterable[str]) -> set:
-    """The config fields a command line sets (``--config.FIELD=VALUE`` or ``--config.FIELD
-    VALUE``), dotted: {'bn_weight', 'student.arch'}."""
-    return {arg[len('--config.'):].split('=', 1)[0] for arg in argv
-            if arg.startswith('--config.')}
