@@ -39,25 +39,26 @@ class Stage(NamedTuple):
 
 class Architecture(NamedTuple):
     name: str                   # canonical: 'WRN-40-2', 'resnet18', 'vgg11'
-    family: str                 # 'wrn' | 'resnet' | 'vgg'
+    family: str                 # 'wrn' | 'resnet' | 'vgg' | 'user'
     default_width: int          # the stem/base width of the published networks
     builder: Callable[..., Any]  # (num_classes, width, **options) -> module
-    stage_sizes: Callable[[int], Tuple[int, ...]]
-    stage_channels: Callable[[int], Tuple[int, ...]]
-    stage_names: Tuple[str, ...]
-    # A registered network's own (image_size) -> ((name, size, channels), ...), where given.
-    user_stages: Optional[Callable[[int], Sequence[Tuple[str, int, int]]]] = None
+    stage_list: Callable[[int, int], Sequence[Tuple[str, int, int]]]  # (image size, width) ->
+                                                # (name, spatial size, channels) of each stage
 
     def build(self, num_classes: int, width: Optional[int] = None, **options):
         return self.builder(num_classes, self.default_width if width is None else width,
                             **options)
 
     def stages(self, image_size: int, width: Optional[int] = None) -> Tuple[Stage, ...]:
-        if self.family == 'user':
-            return tuple(Stage(*s) for s in (self.user_stages or (lambda size: ()))(image_size))
         width = self.default_width if width is None else width
-        return tuple(Stage(*s) for s in zip(self.stage_names, self.stage_sizes(image_size),
-                                            self.stage_channels(width)))
+        return tuple(Stage(*s) for s in self.stage_list(image_size, width))
+
+
+def _stage_list(names: Sequence[str], sizes: Callable[[int], Sequence[int]],
+                channels: Callable[[int], Sequence[int]]):
+    """(image size, width) -> the stages named ``names``, of ``sizes(image size)`` pixels and
+    ``channels(width)`` channels."""
+    return lambda image_size, width: tuple(zip(names, sizes(image_size), channels(width)))
 
 
 TOOLBOX_NAMES = ('resnet18', 'resnet34', 'vgg11', 'wrn16_1', 'wrn16_2', 'wrn40_1', 'wrn40_2')
@@ -79,9 +80,8 @@ def _wide_resnet(name: str) -> Architecture:
         name=name, family='wrn', default_width=16,
         builder=lambda num_classes, width, **options: build_wide_resnet(
             name, num_classes, width, **options),
-        stage_sizes=sizes,
-        stage_channels=lambda width: (width * k, 2 * width * k, 4 * width * k),
-        stage_names=('block1', 'block2', 'block3'))
+        stage_list=_stage_list(('block1', 'block2', 'block3'), sizes,
+                               lambda width: (width * k, 2 * width * k, 4 * width * k)))
 
 
 def _resnet(name: str) -> Architecture:
@@ -89,8 +89,8 @@ def _resnet(name: str) -> Architecture:
         name=name, family='resnet', default_width=resnet.DEFAULT_WIDTH,
         builder=lambda num_classes, width, **options: resnet.build_resnet(
             name, num_classes, width, **options),
-        stage_sizes=resnet.stage_sizes, stage_channels=resnet.stage_channels,
-        stage_names=('layer1', 'layer2', 'layer3', 'layer4'))
+        stage_list=_stage_list(('layer1', 'layer2', 'layer3', 'layer4'), resnet.stage_sizes,
+                               resnet.stage_channels))
 
 
 def _vgg(name: str) -> Architecture:
@@ -98,9 +98,8 @@ def _vgg(name: str) -> Architecture:
         name=name, family='vgg', default_width=vgg.DEFAULT_WIDTH,
         builder=lambda num_classes, width, **options: vgg.build_vgg(
             name, num_classes, width, **options),
-        stage_sizes=vgg.stage_sizes,
-        stage_channels=lambda width: vgg.stage_channels(width, name),
-        stage_names=tuple(f'block{b}' for b in range(len(vgg.CONFIGS[name]))))
+        stage_list=_stage_list(tuple(f'block{b}' for b in range(len(vgg.CONFIGS[name]))),
+                               vgg.stage_sizes, lambda width: vgg.stage_channels(width, name)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,13 +154,11 @@ def register(name: str, build: Callable[..., Any],
         pass
     else:
         raise ConfigError(f'architecture {name!r} is already registered')
-    stage_list = stages or (lambda image_size: ())
     _REGISTERED[name] = Architecture(
         name=name, family='user', default_width=default_width,
         builder=lambda num_classes, width, **options: UserModule(
             build(num_classes, width=width, **options)),
-        stage_sizes=lambda size: tuple(s[1] for s in stage_list(size)),
-        stage_channels=lambda width: (), stage_names=(), user_stages=stage_list)
+        stage_list=lambda image_size, width: tuple(stages(image_size)) if stages else ())
 
 
 def unregister(name: str) -> None:
@@ -206,4 +203,4 @@ def stages(name: str, image_size: int, width: Optional[int] = None) -> Tuple[Sta
 
 
 def stage_sizes(name: str, image_size: int) -> Tuple[int, ...]:
-    return get(name).stage_sizes(image_size)
+    return tuple(stage.size for stage in stages(name, image_size))
