@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from zskt_jax import losses
+from zskt_jax import losses, validation
 from zskt_jax.common import Models
 from zskt_jax.errors import ConfigError
 from zskt_jax.models.layers import INPUT_MOMENTS
@@ -42,14 +42,9 @@ class Stabilisers(NamedTuple):
             if getattr(stabilisers, field) < 0:
                 raise ConfigError(f'config.{field} = {getattr(stabilisers, field)}; it must be '
                                  '>= 0 (0 turns it off)')
-        if (stabilisers.replay_size > 0) != (stabilisers.replay_batch > 0):
-            raise ConfigError(f'config.replay_size = {stabilisers.replay_size} and '
-                             f'config.replay_batch = {stabilisers.replay_batch}: set both (replay '
-                             'on) or neither (off)')
-        if stabilisers.replay_size % config.batch_size:
-            raise ConfigError(f'config.replay_size = {stabilisers.replay_size} must be a multiple '
-                             f'of config.batch_size = {config.batch_size}: every iteration writes '
-                             'one whole batch into the memory')
+        problems = validation.replay_problems(config)
+        if problems:
+            raise ConfigError(problems[0])
         return stabilisers
 
     @property

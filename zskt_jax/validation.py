@@ -191,16 +191,24 @@ def _batch_splits_over_devices(config, devices):
     return []
 
 
-def _replay(config, devices):
+def replay_problems(config) -> List[str]:
+    """The replay memory's sizes against each other and the batch (also checked by
+    ``iteration.Stabilisers.from_config`` for configs built in code)."""
     size, batch = config.replay_size, config.replay_batch
     if (size > 0) != (batch > 0):
         return [f'config.replay_size = {size} and config.replay_batch = {batch}: set both '
                 '(replay on) or neither (off)']
-    problems = []
     if size % config.batch_size:
-        problems.append(f'config.replay_size = {size} must be a multiple of config.batch_size = '
-                        f'{config.batch_size}: every iteration writes one whole batch into the '
-                        'memory')
+        return [f'config.replay_size = {size} must be a multiple of config.batch_size = '
+                f'{config.batch_size}: every iteration writes one whole batch into the memory']
+    return []
+
+
+def _replay(config, devices):
+    problems = replay_problems(config)
+    if (config.replay_size > 0) != (config.replay_batch > 0):
+        return problems  # one of the two set alone: that is the problem to fix first
+    batch = config.replay_batch
     if batch % devices:
         problems.append(f'config.replay_batch = {batch} does not divide evenly across the '
                         f'{devices} devices of the mesh; choose a multiple of {devices}')
