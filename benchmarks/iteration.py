@@ -63,6 +63,9 @@ def parse_args(argv):
     parser.add_argument('--weight_grad_chunk', type=int,
                         help='conv kernel gradients summed over slices of this many examples '
                              '(config.weight_grad_chunk; default: config, 0 = off)')
+    parser.add_argument('--convolution', choices=('xla', 'onednn'),
+                        help="XLA's convolutions or oneDNN's on XLA:CPU (config.convolution; "
+                             'default: config, xla)')
     parser.add_argument('--quick', action='store_true',
                         help='smoke mode: WRN-10-1 (base width 4) -> WRN-10-1, generator hidden 8, '
                              'batch 16, n_s 2, 1 warm-up + 2 timed iterations, PyTorch on 1 '
@@ -100,7 +103,8 @@ def build_config(args):
         config.teacher.base_width = config.student.base_width = args.base_width
     if args.generator_hidden:
         config.generator.hidden = args.generator_hidden
-    for name in ('batch_size', 'n_g', 'n_s', 'compute_dtype', 'update_loop', 'weight_grad_chunk'):
+    for name in ('batch_size', 'n_g', 'n_s', 'compute_dtype', 'update_loop', 'weight_grad_chunk',
+                 'convolution'):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if args.num_seeds is not None:
@@ -176,6 +180,14 @@ def initialise(fn, *args):
     return compiled(*args)
 
 
+def build_models(config, info):
+    from zskt_jax import common, zero_shot
+    return zero_shot.Models(
+        generator=common.build_generator(config),
+        student=common.build_network(config.student, info.num_classes, config),
+        teacher=common.build_network(config.teacher, info.num_classes, config))
+
+
 def time_jax(config, repeats: int, warmup: int, log=print):
     """Compile the training iteration once, run it warmup + repeats times; returns a dict."""
     from zskt_jax import common, data, parallel, zero_shot
@@ -183,10 +195,7 @@ def time_jax(config, repeats: int, warmup: int, log=print):
     info = data.dataset_info(config.dataset)
     mesh = parallel.make_mesh()
     parallel.check_divisible(config.batch_size, mesh)
-    models = zero_shot.Models(
-        generator=common.build_generator(config),
-        student=common.build_network(config.student, info.num_classes, config),
-        teacher=common.build_network(config.teacher, info.num_classes, config))
+    models = build_models(config, info)
     # A randomly initialised teacher: the cost of an iteration does not depend on its weights.
     teacher_variables = initialise(models.teacher.init, jax.random.key(config.seed + 1),
                                    jnp.zeros((2,) + tuple(info.image_shape)))
@@ -200,17 +209,21 @@ def time_jax(config, repeats: int, warmup: int, log=print):
     compiled = iteration_fn.lower(state, teacher_variables, z_key).compile()
     compile_s = time.perf_counter() - start
     flops_compiled = xla_flops(compiled)
-    if unroll:
+    convolution = common.convolution(config)
+    if unroll and convolution == 'xla':
         flops, flops_note = flops_compiled, 'XLA cost analysis of the compiled (unrolled) iteration'
     else:
         # XLA's cost analysis counts a while-loop (lax.scan) body ONCE, whatever its trip count,
-        # so the scan program under-reports. Count the same iteration compiled unrolled instead.
-        unrolled_config = config.copy_and_resolve_references()
-        unrolled_config.update_loop = 'unroll'
-        unrolled = zero_shot.make_iteration_fn(models, unrolled_config, mesh)
-        flops = xla_flops(unrolled.lower(state, teacher_variables, z_key).compile())
-        flops_note = (f'XLA cost analysis of the same iteration compiled unrolled; the scan '
-                      f'program reports {fmt_flops(flops_compiled)}: XLA counts a loop body once')
+        # and cannot see into custom calls (oneDNN's convolutions): count the same iteration
+        # compiled unrolled, with XLA's convolutions.
+        counted_config = config.copy_and_resolve_references()
+        counted_config.update_loop, counted_config.convolution = 'unroll', 'xla'
+        counted = zero_shot.make_iteration_fn(build_models(counted_config, info), counted_config,
+                                              mesh)
+        flops = xla_flops(counted.lower(state, teacher_variables, z_key).compile())
+        flops_note = (f'XLA cost analysis of the same iteration compiled unrolled with XLA\'s '
+                      f'convolutions; this program reports {fmt_flops(flops_compiled)}: XLA '
+                      'counts a loop body once and no custom call')
 
     def step(state):
         state, metrics = compiled(state, teacher_variables, z_key)
@@ -235,7 +248,7 @@ def time_jax(config, repeats: int, warmup: int, log=print):
         'framework': 'jax', 'jax_version': jax.__version__, 'backend': jax.default_backend(),
         'devices': len(devices), 'device_kind': devices[0].device_kind,
         'compute_dtype': config.compute_dtype, 'update_loop': 'unroll' if unroll else 'scan',
-        'weight_grad_chunk': common.weight_grad_chunk(config),
+        'weight_grad_chunk': common.weight_grad_chunk(config), 'convolution': convolution,
         'setup_s': setup_s, 'compile_s': compile_s, 'repeats': repeats, 'warmup': warmup, 'times_s': times,
         'seconds_per_iteration': statistics.median(times), 'flops_per_iteration': flops,
         'flops_source': flops_note, 'flops_compiled_program': flops_compiled,
@@ -316,7 +329,7 @@ def main(argv=None):
     log(f"JAX {jax_result['jax_version']} on {jax_result['backend']} ({jax_result['devices']} x "
         f"{jax_result['device_kind']}), {jax_result['compute_dtype']}, update loop: "
         f"{jax_result['update_loop']}, kernel-gradient slices: "
-        f"{jax_result['weight_grad_chunk'] or 'off'}")
+        f"{jax_result['weight_grad_chunk'] or 'off'}, convolutions: {jax_result['convolution']}")
     log(f"  set-up (initialising the networks): {jax_result['setup_s']:.1f} s; "
         f"compile (lower + compile): {jax_result['compile_s']:.1f} s")
     jax_images = report(jax_result, config, log)

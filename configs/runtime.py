@@ -32,4 +32,7 @@ def add(config, *, unit: str, log_every: int, checkpoint_every: int, keep_checkp
     config.weight_grad_chunk = 0       # >0: conv kernel gradients summed over slices of this many
                                        # examples (8: ~1.3x faster on XLA:CPU;
                                        # docs/performance.md)
+    config.convolution = 'xla'         # 'onednn': oneDNN's convolutions on XLA:CPU, several times
+                                       # faster; the same sums in another order. Other backends
+                                       # and machines without it keep XLA's (docs/performance.md)
     return config

@@ -19,14 +19,16 @@ from configs import digits
 from conftest import ROOT, tiny_zero_shot_config as tiny_paper_config
 
 # The stabilisers of configs/digits.py, which run_py runs, with a replay memory of 4 tiny
-# batches: the in-process runs below continue its checkpoints, so they run them too.
+# batches: the in-process runs below continue its checkpoints, so they run them too, and its
+# convolutions (oneDNN's on CPU: the speed mode resumes bitwise like the rest).
 DEFAULT_STABILISERS = dict(
     {field: digits.get_config()[field] for field in zero_shot.Stabilisers._fields},
     replay_size=64, replay_batch=8)
 
 
 def tiny_zero_shot_config(data_dir, teacher):
-    return tiny_paper_config(data_dir, teacher, **DEFAULT_STABILISERS)
+    return tiny_paper_config(data_dir, teacher, convolution=digits.get_config().convolution,
+                             **DEFAULT_STABILISERS)
 
 
 TINY = ['--config.dataset=digits', '--config.teacher.arch=WRN-10-1', '--config.teacher.base_width=4',

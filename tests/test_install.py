@@ -199,6 +199,9 @@ def test_installed_command_runs_the_digits_config_outside_the_checkout(installed
                              '--workdir=run'], cwd=str(cwd), env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    # The installed package carries the C++ source of its oneDNN convolutions (the digits
+    # configs' speed mode) and builds it, or says why not.
+    assert "using XLA's convolutions" not in result.stdout + result.stderr, result.stderr[-3000:]
     results = json.loads((cwd / 'run' / 'results.json').read_text())
     assert results['iterations'] == 2 and 0 <= results['student_accuracy'] <= 1
     teacher = json.loads((cwd / 'runs' / 'teacher_digits16_WRN-10-1' / 'teacher' /

@@ -219,6 +219,9 @@ def worker(out_path: str):
         resnet = {}
         _run_steps(mesh, resnet, networks=RESNET_PAIR, iterations=1)  # see its test
         results.update({f'resnet/{k}': v for k, v in resnet.items()})
+        onednn = {}  # the speed mode: a oneDNN custom call per device inside the shard_map
+        _run_steps(mesh, onednn, iterations=1, convolution='onednn')
+        results.update({f'onednn/{k}': v for k, v in onednn.items()})
         _run_teacher_step(mesh, results)
         _run_eval(mesh, results)
         out.update({f'{name}/{k}': v for k, v in results.items()})
@@ -375,6 +378,28 @@ def test_stabilised_iterations_on_8_devices_equal_1_device(results):
         scale = max(float(np.max(np.abs(one))) for _, one, _ in pairs)
         for name, one, eight in pairs:
             np.testing.assert_allclose(eight, one, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+def _assert_gradients_close(pairs):
+    scale = max(float(np.max(np.abs(one))) for _, one, _ in pairs)
+    for name, one, other in pairs:
+        np.testing.assert_allclose(other, one, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.mark.skipif(not __import__('zskt_jax.onednn').onednn.usable()[0],
+                    reason='oneDNN convolutions unavailable here (tests/test_onednn.py says why)')
+def test_onednn_convolutions_on_8_devices_equal_1_device(results):
+    """config.convolution = 'onednn' (each device calls oneDNN inside the shard_map; the kernel
+    gradients are summed over devices by JAX): the first gradients elementwise and the states
+    after one iteration, as for XLA's convolutions above; and on one device the first gradients
+    equal those of XLA's convolutions (the same tolerances: only the order of the sums differs)."""
+    for network in ("onednn/grad['generator']", "onednn/grad['student']"):
+        _assert_gradients_close(_pairs(results, network))
+    assert_states_close(_pairs(results, 'onednn/step'))
+    one, _ = results
+    for network in ("grad['generator']", "grad['student']"):
+        names = sorted(k for k in one if k.startswith(network))
+        _assert_gradients_close([(name, one[name], one[f'onednn/{name}']) for name in names])
 
 
 def test_gradients_on_8_devices_equal_1_device(results):

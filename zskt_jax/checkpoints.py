@@ -198,7 +198,7 @@ class RunCheckpoints:
 # field must be equal, so that a field added to a config is checked without being listed.
 MAY_CHANGE_ON_RESUME = ('data_dir', 'eval_batch_size', 'log_every_*', 'eval_every_*',
                         'checkpoint_every_*', 'keep_checkpoints', 'resume_fallback',
-                        'stop_after_*', 'update_loop', 'weight_grad_chunk',
+                        'stop_after_*', 'update_loop', 'weight_grad_chunk', 'convolution',
                         'teacher.checkpoint',  # the teacher itself is compared by checksum
                         'teacher.recipe')
 

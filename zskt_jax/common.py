@@ -2,6 +2,7 @@
 evaluation data and the accuracy function, and a distillation's config resolved once
 (``resolve_distillation``)."""
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Dict, NamedTuple, Tuple
@@ -13,6 +14,7 @@ import numpy as np
 from zskt_jax import checkpoints, data, parallel, paths
 from zskt_jax.errors import ConfigError
 from zskt_jax.models import Generator, registry
+from zskt_jax.models.layers import CONVOLUTIONS
 from zskt_jax.parallel import DATA_AXIS
 
 logger = logging.getLogger('zskt_jax')
@@ -37,6 +39,30 @@ def weight_grad_chunk(config) -> int:
     return chunk
 
 
+def convolution(config) -> str:
+    """config.convolution resolved for this machine: 'onednn' (``zskt_jax.onednn``: oneDNN's
+    convolutions, a CPU speed mode) where it runs here, else 'xla' (XLA's own; the paper configs'),
+    saying once why oneDNN's are not used."""
+    name = config.get('convolution', 'xla')  # belief's configs have none
+    if name not in CONVOLUTIONS:
+        raise ConfigError(f'config.convolution = {name!r}; choose one of {list(CONVOLUTIONS)}')
+    if name == 'onednn':
+        from zskt_jax import onednn
+        ok, line = onednn.usable()
+        # On a GPU or TPU XLA's convolutions are the fast ones: no warning there.
+        level = logging.INFO if ok or jax.default_backend() != 'cpu' else logging.WARNING
+        _log_once(level, line if ok else
+                  f'config.convolution = onednn: {line}; using XLA\'s convolutions')
+        if not ok:
+            return 'xla'
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(level: int, message: str) -> None:
+    logger.log(level, message)
+
+
 def network_width(net_config) -> int:
     """The stem width of a ``config.teacher`` / ``config.student`` section: its ``base_width``,
     or the architecture's own (16 for WRNs, 64 for the ResNets and VGG) where that is 0."""
@@ -55,7 +81,8 @@ def build_network(net_config, num_classes: int, config, axis_name=DATA_AXIS):
     ``data`` axis of the jobs' shard_map; None outside one)."""
     return registry.build(net_config.arch, num_classes, width=network_width(net_config),
                           axis_name=axis_name, dtype=compute_dtype(config),
-                          weight_grad_chunk=weight_grad_chunk(config))
+                          weight_grad_chunk=weight_grad_chunk(config),
+                          convolution=convolution(config))
 
 
 def attention_pairs(config) -> Tuple[Tuple[int, int], ...]:
@@ -88,7 +115,7 @@ def build_generator(config):
         raise ConfigError(f'the generator upsamples x4; image size {image_size} is not a multiple of 4')
     return Generator(init_size=image_size // 4, hidden=config.generator.hidden,
                      axis_name=DATA_AXIS, dtype=compute_dtype(config),
-                     weight_grad_chunk=weight_grad_chunk(config))
+                     weight_grad_chunk=weight_grad_chunk(config), convolution=convolution(config))
 
 
 def teacher_dir(config) -> str:

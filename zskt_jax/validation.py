@@ -17,6 +17,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 from zskt_jax import methods
 from zskt_jax.errors import ConfigError, UserError
+from zskt_jax.models.layers import CONVOLUTIONS
 
 JOBS = ('zero_shot', 'teacher', 'few_shot', 'belief')
 MISSING = object()
@@ -71,8 +72,8 @@ def fractions(field):
                 'a list of fractions of the run, each in [0, 1], e.g. (0.3, 0.6, 0.8)')
 
 
-def one_of(field, choices):
-    return Rule(field, lambda v: v in choices, 'one of ' + ', '.join(map(repr, choices)))
+def one_of(field, choices, **kw):
+    return Rule(field, lambda v: v in choices, 'one of ' + ', '.join(map(repr, choices)), **kw)
 
 
 def boolean(field):
@@ -128,7 +129,8 @@ def _runtime(unit, stop_unit=None, evaluates=True):
              non_negative_int(f'stop_after_{stop_unit or unit}', ' (0: no stop)'),
              positive_int('eval_batch_size'), positive_int('keep_checkpoints'),
              boolean('resume_fallback'), compute_dtype(),
-             non_negative_int('weight_grad_chunk', ' (0: off)', optional=True)]
+             non_negative_int('weight_grad_chunk', ' (0: off)', optional=True),
+             one_of('convolution', CONVOLUTIONS, optional=True)]
     if evaluates:
         rules.append(non_negative_int(f'eval_every_{unit}', ' (0: only at the end)'))
     return tuple(rules)

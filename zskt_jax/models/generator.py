@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from zskt_jax.models.layers import BatchNorm, chunked_weight_grad_conv, torch_uniform
+from zskt_jax.models.layers import BatchNorm, conv_function, torch_uniform
 
 
 def _phase_taps(kernel, axis: int):
@@ -48,13 +48,15 @@ class UpsampleConv(nn.Module):
     features: int
     dtype: Any = jnp.float32
     weight_grad_chunk: int = 0
+    convolution: str = 'xla'
 
     @nn.compact
     def __call__(self, x):
         fan_in = x.shape[-1] * 9
         kernel = self.param('kernel', torch_uniform(fan_in), (3, 3, x.shape[-1], self.features))
         bias = self.param('bias', torch_uniform(fan_in), (self.features,))
-        conv = chunked_weight_grad_conv(self.weight_grad_chunk) or jax.lax.conv_general_dilated
+        conv = (conv_function(self.weight_grad_chunk, self.convolution)
+                or jax.lax.conv_general_dilated)
         return upsample_conv3x3(x.astype(self.dtype), kernel, conv) + bias.astype(self.dtype)
 
 
@@ -71,7 +73,8 @@ class Generator(nn.Module):
     out_channels: int = 3
     axis_name: Optional[str] = None
     dtype: Any = jnp.float32
-    weight_grad_chunk: int = 0    # layers.chunked_weight_grad_conv (faster on XLA:CPU)
+    weight_grad_chunk: int = 0    # layers.conv_function: faster convolutions on XLA:CPU
+    convolution: str = 'xla'
 
     @nn.compact
     def __call__(self, z, train: bool = True):
@@ -79,13 +82,15 @@ class Generator(nn.Module):
                                             dtype=self.dtype, name=name, **kw)
 
         def upsample_conv(x, ch, name):
-            return UpsampleConv(ch, self.dtype, self.weight_grad_chunk, name=name)(x)
+            return UpsampleConv(ch, self.dtype, self.weight_grad_chunk, self.convolution,
+                                name=name)(x)
 
         def conv(x, ch, name):
             fan_in = x.shape[-1] * 9
             return nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=name,
                            kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in),
-                           conv_general_dilated=chunked_weight_grad_conv(self.weight_grad_chunk))(x)
+                           conv_general_dilated=conv_function(self.weight_grad_chunk,
+                                                                  self.convolution))(x)
 
         z_dim = z.shape[-1]
         x = nn.Dense(self.hidden * self.init_size ** 2, dtype=self.dtype, name='fc',

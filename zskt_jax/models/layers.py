@@ -12,6 +12,9 @@ Dtype = Any
 # input when it is mutable: ``apply(..., mutable=[INPUT_MOMENTS])``.
 INPUT_MOMENTS = 'input_moments'
 
+# config.convolution: XLA's own convolutions, or oneDNN's on XLA:CPU (``conv_function``).
+CONVOLUTIONS = ('xla', 'onednn')
+
 
 def torch_uniform(fan_in: int, scale: float = 1.0):
     """U(-b, b) with b = scale / sqrt(fan_in): PyTorch's default Linear/Conv init.
@@ -144,3 +147,17 @@ def chunked_weight_grad_conv(chunk: int):
         return chunked(lhs, rhs)
 
     return conv_general_dilated
+
+
+def conv_function(weight_grad_chunk: int = 0, convolution: str = 'xla'):
+    """The convolution of every conv layer, for ``nn.Conv(conv_general_dilated=...)``: oneDNN's
+    (``zskt_jax.onednn``) where ``convolution == 'onednn'`` and it runs here, else
+    ``chunked_weight_grad_conv(weight_grad_chunk)``, which is None (XLA's own) for 0. Both levers
+    only change the floating-point order of the sums, for XLA:CPU's speed; the slices are unused
+    under oneDNN."""
+    if convolution == 'onednn':
+        from zskt_jax import onednn  # builds its library on first use
+        if onednn.usable()[0]:
+            return onednn.conv_general_dilated
+    return chunked_weight_grad_conv(weight_grad_chunk)
+

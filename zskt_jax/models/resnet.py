@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from zskt_jax.models.layers import BatchNorm, chunked_weight_grad_conv, torch_uniform
+from zskt_jax.models.layers import BatchNorm, conv_function, torch_uniform
 
 PAD1 = ((1, 1), (1, 1))  # 3x3 convs pad 1 on every side, as torch (not 'SAME' at stride 2)
 
@@ -33,10 +33,11 @@ BLOCKS = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
 DEFAULT_WIDTH = 64
 
 
-def _conv(features, kernel, stride, padding, in_channels, dtype, weight_grad_chunk, name):
+def _conv(features, kernel, stride, padding, in_channels, dtype, weight_grad_chunk, convolution,
+          name):
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=padding, use_bias=False,
                    kernel_init=torch_uniform(kernel * kernel * in_channels), dtype=dtype,
-                   name=name, conv_general_dilated=chunked_weight_grad_conv(weight_grad_chunk))
+                   name=name, conv_general_dilated=conv_function(weight_grad_chunk, convolution))
 
 
 class BasicBlock(nn.Module):
@@ -47,13 +48,15 @@ class BasicBlock(nn.Module):
     axis_name: Optional[str] = None
     dtype: Any = jnp.float32
     weight_grad_chunk: int = 0
+    convolution: str = 'xla'
 
     @nn.compact
     def __call__(self, x):
         norm = lambda name: BatchNorm(use_running_average=not self.train, axis_name=self.axis_name,
                                       dtype=self.dtype, name=name)
         conv = lambda k, s, pad, fan_in_ch, name: _conv(
-            self.out_channels, k, s, pad, fan_in_ch, self.dtype, self.weight_grad_chunk, name)
+            self.out_channels, k, s, pad, fan_in_ch, self.dtype, self.weight_grad_chunk,
+            self.convolution, name)
         in_channels = x.shape[-1]
         out = nn.relu(norm('bn1')(conv(3, self.stride, PAD1, in_channels, 'conv1')(x)))
         out = norm('bn2')(conv(3, 1, PAD1, self.out_channels, 'conv2')(out))
@@ -65,28 +68,29 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR ResNet with ``blocks`` BasicBlocks per layer ((2, 2, 2, 2): ResNet-18; (3, 4, 6, 3):
     ResNet-34). ``width`` other than 64 exists for tests and CPU demos (tiny networks); the
-    toolbox's networks have 64. ``weight_grad_chunk`` > 0 sums each conv kernel's gradient over
-    slices of that many examples (``layers.chunked_weight_grad_conv``: faster on XLA:CPU)."""
+    toolbox's networks have 64. ``weight_grad_chunk`` and ``convolution``: faster convolutions on
+    XLA:CPU (``layers.conv_function``), off by default."""
     blocks: Sequence[int]
     num_classes: int
     width: int = DEFAULT_WIDTH
     axis_name: Optional[str] = None
     dtype: Any = jnp.float32
     weight_grad_chunk: int = 0
+    convolution: str = 'xla'
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         """x: [B, H, W, 3] normalised images -> (logits [B, classes], (l1, l2, l3, l4))."""
         x = x.astype(self.dtype)
         x = _conv(self.width, 3, 1, PAD1, x.shape[-1], self.dtype, self.weight_grad_chunk,
-                  'conv1')(x)
+                  self.convolution, 'conv1')(x)
         x = nn.relu(BatchNorm(use_running_average=not train, axis_name=self.axis_name,
                               dtype=self.dtype, name='bn1')(x))
         layer_outputs = []
         for l, (n, stride) in enumerate(zip(self.blocks, (1, 2, 2, 2)), start=1):
             for i in range(n):
                 x = BasicBlock(self.width * 2 ** (l - 1), stride if i == 0 else 1, train,
-                               self.axis_name, self.dtype, self.weight_grad_chunk,
+                               self.axis_name, self.dtype, self.weight_grad_chunk, self.convolution,
                                name=f'layer{l}_{i}')(x)
             layer_outputs.append(x)  # [B, H_l, W_l, C_l], after the block's ReLU
         # Adaptive average pool to 1x1; the classifier in float32 whatever the activation dtype
@@ -114,7 +118,7 @@ def stage_channels(width: int = DEFAULT_WIDTH) -> tuple:
 
 def build_resnet(name: str, num_classes: int, width: int = DEFAULT_WIDTH,
                  axis_name: Optional[str] = None, dtype: Any = jnp.float32,
-                 weight_grad_chunk: int = 0) -> ResNet:
+                 weight_grad_chunk: int = 0, convolution: str = 'xla') -> ResNet:
     """'resnet18' | 'resnet34' (the toolbox's names)."""
     return ResNet(blocks=BLOCKS[name], num_classes=num_classes, width=width, axis_name=axis_name,
-                  dtype=dtype, weight_grad_chunk=weight_grad_chunk)
+                  dtype=dtype, weight_grad_chunk=weight_grad_chunk, convolution=convolution)

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from zskt_jax.models.layers import BatchNorm, chunked_weight_grad_conv
+from zskt_jax.models.layers import BatchNorm, conv_function
 
 PAD1 = ((1, 1), (1, 1))
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -43,6 +43,7 @@ class VGG(nn.Module):
     axis_name: Optional[str] = None
     dtype: Any = jnp.float32
     weight_grad_chunk: int = 0
+    convolution: str = 'xla'
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -57,8 +58,8 @@ class VGG(nn.Module):
                 x = nn.Conv(self.width * m, (3, 3), padding=PAD1, use_bias=True,
                             kernel_init=conv_init, bias_init=nn.initializers.zeros,
                             dtype=self.dtype, name=f'block{b}_{3 * j}',
-                            conv_general_dilated=chunked_weight_grad_conv(
-                                self.weight_grad_chunk))(x)
+                            conv_general_dilated=conv_function(
+                                self.weight_grad_chunk, self.convolution))(x)
                 x = BatchNorm(use_running_average=not train, axis_name=self.axis_name,
                               dtype=self.dtype, name=f'block{b}_{3 * j + 1}')(x)
             x = nn.relu(x)
@@ -86,7 +87,7 @@ def stage_channels(width: int = DEFAULT_WIDTH, name: str = 'vgg11') -> tuple:
 
 def build_vgg(name: str, num_classes: int, width: int = DEFAULT_WIDTH,
               axis_name: Optional[str] = None, dtype: Any = jnp.float32,
-              weight_grad_chunk: int = 0) -> VGG:
+              weight_grad_chunk: int = 0, convolution: str = 'xla') -> VGG:
     """'vgg11' (the toolbox's name; with BatchNorm)."""
     return VGG(config=CONFIGS[name], num_classes=num_classes, width=width, axis_name=axis_name,
-               dtype=dtype, weight_grad_chunk=weight_grad_chunk)
+               dtype=dtype, weight_grad_chunk=weight_grad_chunk, convolution=convolution)

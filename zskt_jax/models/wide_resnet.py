@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from zskt_jax.errors import ConfigError
-from zskt_jax.models.layers import BatchNorm, chunked_weight_grad_conv
+from zskt_jax.models.layers import BatchNorm, conv_function
 
 # He init, fan-out: N(0, sqrt(2 / (k * k * out_channels))) (docs/method.md, section "WideResNet").
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -46,6 +46,7 @@ class BasicBlock(nn.Module):
     axis_name: Optional[str] = None
     dtype: Any = jnp.float32
     weight_grad_chunk: int = 0
+    convolution: str = 'xla'
 
     @nn.compact
     def __call__(self, x):
@@ -54,7 +55,7 @@ class BasicBlock(nn.Module):
         conv = lambda ch, k, s, pad, name: nn.Conv(
             ch, (k, k), (s, s), padding=pad, use_bias=False, kernel_init=conv_init,
             dtype=self.dtype, name=name,
-            conv_general_dilated=chunked_weight_grad_conv(self.weight_grad_chunk))
+            conv_general_dilated=conv_function(self.weight_grad_chunk, self.convolution))
         equal_in_out = x.shape[-1] == self.out_channels
         activated = nn.relu(norm('bn1')(x))
         if not equal_in_out:
@@ -73,8 +74,8 @@ class WideResNet(nn.Module):
     """WRN-depth-width; channels [base, base*k, 2*base*k, 4*base*k] (base 16 in the paper).
 
     ``base_width`` other than 16 exists only so that CPU demo configs can use thinner networks;
-    every paper config keeps 16. ``weight_grad_chunk`` > 0 sums each conv kernel's gradient
-    over slices of that many examples (``layers.chunked_weight_grad_conv``: faster on XLA:CPU).
+    every paper config keeps 16. ``weight_grad_chunk`` and ``convolution``: faster convolutions
+    on XLA:CPU (``layers.conv_function``), off by default.
     """
     depth: int
     width: int
@@ -83,6 +84,7 @@ class WideResNet(nn.Module):
     axis_name: Optional[str] = None
     dtype: Any = jnp.float32
     weight_grad_chunk: int = 0
+    convolution: str = 'xla'
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -92,12 +94,13 @@ class WideResNet(nn.Module):
         x = x.astype(self.dtype)
         x = nn.Conv(self.base_width, (3, 3), padding=PAD1, use_bias=False, kernel_init=conv_init,
                     dtype=self.dtype, name='conv1',
-                    conv_general_dilated=chunked_weight_grad_conv(self.weight_grad_chunk))(x)
+                    conv_general_dilated=conv_function(self.weight_grad_chunk, self.convolution))(x)
         group_outputs = []
         for g, (ch, stride) in enumerate(zip(channels, (1, 2, 2)), start=1):
             for i in range(blocks_per_group):
                 x = BasicBlock(ch, stride if i == 0 else 1, train, self.axis_name, self.dtype,
-                               self.weight_grad_chunk, name=f'block{g}_layer_{i}')(x)
+                               self.weight_grad_chunk, self.convolution,
+                               name=f'block{g}_layer_{i}')(x)
             group_outputs.append(x)  # [B, H_g, W_g, C_g], before the head's BN/ReLU
         x = nn.relu(BatchNorm(use_running_average=not train, axis_name=self.axis_name,
                               dtype=self.dtype, name='bn1')(x))
@@ -113,7 +116,8 @@ class WideResNet(nn.Module):
 
 def build_wide_resnet(arch: str, num_classes: int, base_width: int = 16,
                       axis_name: Optional[str] = None, dtype: Any = jnp.float32,
-                      weight_grad_chunk: int = 0) -> WideResNet:
+                      weight_grad_chunk: int = 0, convolution: str = 'xla') -> WideResNet:
     depth, width = parse_arch(arch)
     return WideResNet(depth=depth, width=width, num_classes=num_classes, base_width=base_width,
-                      axis_name=axis_name, dtype=dtype, weight_grad_chunk=weight_grad_chunk)
+                      axis_name=axis_name, dtype=dtype, weight_grad_chunk=weight_grad_chunk,
+                      convolution=convolution)
