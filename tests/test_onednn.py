@@ -27,8 +27,11 @@ def _installed(package: str) -> bool:
         return False
 
 
-needs_onednn = pytest.mark.skipif(
-    not onednn.usable()[0], reason=f'oneDNN convolutions unavailable: {onednn.usable()[1]}')
+@pytest.fixture
+def needs_onednn():
+    ok, why = onednn.usable()
+    if not ok:
+        pytest.skip(f'oneDNN convolutions unavailable here: {why}')
 
 
 def test_onednn_runs_where_the_requirements_are_installed():
@@ -48,7 +51,7 @@ def _relative_errors(reference, other):
             for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(other))]
 
 
-@needs_onednn
+@pytest.mark.usefixtures('needs_onednn')
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['float32', 'bfloat16'])
 @pytest.mark.parametrize('batch,size,in_ch,out_ch,kernel,stride', [
     (3, 16, 3, 8, 3, 1),      # the stem: 3 input channels, an odd batch
@@ -85,7 +88,7 @@ def test_values_and_gradients_equal_xla_convolution(dtype, batch, size, in_ch, o
     assert max(errors) < TOLERANCE[dtype], errors
 
 
-@needs_onednn
+@pytest.mark.usefixtures('needs_onednn')
 def test_under_vmap_and_in_a_shard_map():
     """The seeds of config.num_seeds (a vmap) and the jobs' shard_map over the data axis (the
     kernel replicated, the images varying): the same values and kernel gradients."""
@@ -110,7 +113,7 @@ def test_under_vmap_and_in_a_shard_map():
     assert max(errors) < 2e-5, errors
 
 
-@needs_onednn
+@pytest.mark.usefixtures('needs_onednn')
 @pytest.mark.parametrize('arch', ['WRN-10-1', 'resnet18', 'vgg11'])
 def test_networks_give_xla_gradients(arch):
     """A training step's gradients of each family (strided 3x3s, 1x1 shortcuts, biases) and of
