@@ -11,7 +11,6 @@ def get_config():
     config.batch_size = 64
     config.learning_rate = 0.05
     config.augment = 'crop'           # no flips: digits are not mirror-symmetric
-    config.convolution = 'onednn'     # oneDNN's convolutions on XLA:CPU (configs/digits.py)
     config.log_every_epochs = 5
     config.checkpoint_every_epochs = 5
     return config

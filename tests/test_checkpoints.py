@@ -20,7 +20,7 @@ from conftest import ROOT, tiny_zero_shot_config as tiny_paper_config
 
 # The stabilisers of configs/digits.py, which run_py runs, with a replay memory of 4 tiny
 # batches: the in-process runs below continue its checkpoints, so they run them too, and its
-# convolutions (oneDNN's on CPU: the speed mode resumes bitwise like the rest).
+# convolutions.
 DEFAULT_STABILISERS = dict(
     {field: digits.get_config()[field] for field in zero_shot.Stabilisers._fields},
     replay_size=64, replay_batch=8)

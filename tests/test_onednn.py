@@ -174,3 +174,29 @@ def test_a_build_without_onednn_says_what_to_install(monkeypatch):
     monkeypatch.setattr(onednn, '_prefixes', lambda: ('/nonexistent',))
     with pytest.raises(onednn.Unavailable, match='pip install -r requirements.txt'):
         onednn.build()
+
+
+@pytest.mark.usefixtures('needs_onednn')
+def test_a_run_with_onednn_resumes_bitwise(tmp_path, digits_data_dir, tiny_teacher):
+    """The speed mode stops and resumes like the rest: 4 iterations straight equal 2, a stop,
+    then 2 more from the checkpoint, bit for bit (oneDNN's sums are deterministic on a fixed
+    thread count)."""
+    import orbax.checkpoint as ocp
+    from zskt_jax import zero_shot
+    from tiny_config import tiny_zero_shot_config
+
+    def run(workdir, stop_after=0):
+        config = tiny_zero_shot_config(digits_data_dir, tiny_teacher, convolution='onednn',
+                                       num_iterations=4, stop_after_iterations=stop_after)
+        return zero_shot.train_and_evaluate(config, str(workdir))
+
+    run(tmp_path / 'straight')
+    run(tmp_path / 'resumed', stop_after=2)
+    assert not (tmp_path / 'resumed' / 'results.json').exists()
+    run(tmp_path / 'resumed')
+    states = [ocp.StandardCheckpointer().restore(str(tmp_path / name / 'checkpoints' / '4' / 'state'))
+              for name in ('straight', 'resumed')]
+    leaves = [jax.tree.leaves(s) for s in states]
+    assert len(leaves[0]) == len(leaves[1]) > 0
+    for a, b in zip(*leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -36,8 +36,7 @@ def tiny_zero_shot_config(data_dir: str, teacher_path: str, **overrides):
     config.log_every_iterations = 1
     config.checkpoint_every_iterations = 2
     # XLA's convolutions, as the paper's configs (the golden iterations were recorded with them);
-    # configs/digits.py's oneDNN ones run in the tests that run that file (test_checkpoints.py)
-    # and in test_onednn.py and test_parallel.py.
+    # oneDNN's run in test_onednn.py and test_parallel.py.
     config.convolution = 'xla'
     for name, value in overrides.items():  # 'section.field' names a field of a section
         *sections, field = name.split('.')
