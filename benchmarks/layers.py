@@ -34,7 +34,7 @@ NHWC = ('NHWC', 'HWIO', 'NHWC')
 PAD = {3: ((1, 1), (1, 1)), 1: ((0, 0), (0, 0))}
 
 
-def wrn_convs(depth, width, base, size, batch):
+def wrn_convs(depth, width, base, size):
     """(in_ch, out_ch, kernel, stride, input size) of each conv of a WRN, in order."""
     n = (depth - 4) // 6
     layers, ch, s = [(3, base, 3, 1, size)], base, size
@@ -73,10 +73,10 @@ def layer_counts(pair):
     """{(network, in, out, k, stride, size, batch, op): calls per iteration} (n_g = 1)."""
     counts = collections.Counter()
     n_g, n_s, b, sb = 1, pair['n_s'], pair['batch'], pair['student_batch']
-    for conv in wrn_convs(*pair['teacher'], pair['size'], b):
+    for conv in wrn_convs(*pair['teacher'], pair['size']):
         counts[('teacher',) + conv + (b, 'forward')] += n_g + 1
         counts[('teacher',) + conv + (b, 'input grad')] += n_g
-    for conv in wrn_convs(*pair['student'], pair['size'], b):
+    for conv in wrn_convs(*pair['student'], pair['size']):
         counts[('student',) + conv + (b, 'forward')] += n_g
         counts[('student',) + conv + (b, 'input grad')] += n_g
         counts[('student',) + conv + (sb, 'forward')] += n_s
@@ -137,7 +137,7 @@ def norm_counts(pair):
     conv output of the student and the generator (the teacher's forward-only norms are cheap
     and counted in the convolutions' rest)."""
     counts = collections.Counter()
-    for cin, cout, k, stride, size in wrn_convs(*pair['student'], pair['size'], pair['batch']):
+    for cin, cout, k, stride, size in wrn_convs(*pair['student'], pair['size']):
         if k == 3:
             counts[(cout, size // stride, pair['student_batch'])] += pair['n_s']
             counts[(cout, size // stride, pair['batch'])] += 1

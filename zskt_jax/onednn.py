@@ -113,7 +113,8 @@ def build(verbose: bool = False) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _load() -> Tuple[Optional[str], Optional[str]]:
-    """(library path, None) once the targets are registered, or (None, why not)."""
+    """(a line naming oneDNN's version and the library, None) once the targets are registered,
+    or (None, why not)."""
     if jax.default_backend() != 'cpu':
         return None, f'the backend is {jax.default_backend()}, not cpu (oneDNN is for XLA:CPU)'
     try:
@@ -125,17 +126,15 @@ def _load() -> Tuple[Optional[str], Optional[str]]:
         jax.ffi.register_ffi_target(f'zskt_onednn_conv_{name}',
                                     jax.ffi.pycapsule(getattr(library, f'zskt_onednn_conv_{name}')),
                                     platform='cpu')
-    return path, None
+    version = library.zskt_onednn_version()
+    return (f'oneDNN {version // 10000}.{version // 100 % 100}.{version % 100} convolutions '
+            f'({path})'), None
 
 
 def usable() -> Tuple[bool, str]:
     """(True, a line naming the library and oneDNN version) or (False, why not)."""
-    path, why = _load()
-    if path is None:
-        return False, why
-    version = ctypes.cdll.LoadLibrary(path).zskt_onednn_version()
-    return True, (f'oneDNN {version // 10000}.{version // 100 % 100}.{version % 100} '
-                  f'convolutions ({path})')
+    line, why = _load()
+    return (True, line) if line else (False, why)
 
 
 def _varying_axes(x) -> frozenset:

@@ -67,6 +67,17 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       memory::desc(g.dst, g.type, tag::nhwc), g.strides, g.pad_l, g.pad_r);
 }
 
+// A backward primitive's descriptor (convolution_backward_data or _weights: the same
+// arguments), with the forward one as its hint.
+template <typename PrimitiveDesc>
+PrimitiveDesc BackwardDesc(const Geometry& g) {
+  return PrimitiveDesc(Engine(), dnnl::algorithm::convolution_direct,
+                       memory::desc(g.src, g.type, tag::nhwc),
+                       memory::desc(g.weights, g.type, tag::any),
+                       memory::desc(g.dst, g.type, tag::nhwc), g.strides, g.pad_l, g.pad_r,
+                       ForwardDesc(g));
+}
+
 // Runs `body` and turns a oneDNN exception into an XLA error (never a crash of the process).
 template <typename Body>
 ffi::Error Guard(const char* what, Body body) {
@@ -110,11 +121,7 @@ ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::An
   if (auto e = MakeGeometry(*dx, w, dy, strides, padding, &g); e.failure()) return e;
   return Guard("input gradient", [&] {
     dnnl::stream s(Engine());
-    auto hint = ForwardDesc(g);
-    dnnl::convolution_backward_data::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, memory::desc(g.src, g.type, tag::nhwc),
-        memory::desc(g.weights, g.type, tag::any), memory::desc(g.dst, g.type, tag::nhwc),
-        g.strides, g.pad_l, g.pad_r, hint);
+    auto pd = BackwardDesc<dnnl::convolution_backward_data::primitive_desc>(g);
     memory diff_dst(pd.diff_dst_desc(), Engine(), dy.untyped_data());
     memory diff_src(pd.diff_src_desc(), Engine(), dx->untyped_data());
     memory weights = KernelIn(g, w.untyped_data(), pd.weights_desc(), s);
@@ -131,11 +138,7 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
   if (auto e = MakeGeometry(x, *dw, dy, strides, padding, &g); e.failure()) return e;
   return Guard("kernel gradient", [&] {
     dnnl::stream s(Engine());
-    auto hint = ForwardDesc(g);
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, memory::desc(g.src, g.type, tag::nhwc),
-        memory::desc(g.weights, g.type, tag::any), memory::desc(g.dst, g.type, tag::nhwc),
-        g.strides, g.pad_l, g.pad_r, hint);
+    auto pd = BackwardDesc<dnnl::convolution_backward_weights::primitive_desc>(g);
     memory src(pd.src_desc(), Engine(), x.untyped_data());
     memory diff_dst(pd.diff_dst_desc(), Engine(), dy.untyped_data());
     memory user(memory::desc(g.weights, g.type, tag::hwio), Engine(), dw->untyped_data());
