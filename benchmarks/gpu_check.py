@@ -40,6 +40,7 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's zskt_jax, whether or not it is installed
 
 # (name, extra flags of benchmarks/iteration.py); the first one also times PyTorch.
 ITERATION_VARIANTS = (

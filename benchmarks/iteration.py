@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 
+# This checkout's zskt_jax first, whether or not the project is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import jax
 import jax.numpy as jnp
 import numpy as np

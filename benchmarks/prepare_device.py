@@ -27,6 +27,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's zskt_jax, whether or not it is installed
 
 # What the GPU image lacks of the project's runtime dependencies, and what those need in turn
 # that the image lacks too (read off each wheel's Requires-Dist).

@@ -16,6 +16,9 @@ import os
 import sys
 from typing import Callable, Dict, Sequence, Tuple
 
+# This checkout's zskt_jax first, whether or not the project is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags

@@ -219,3 +219,22 @@ def test_installed_command_runs_the_digits_config_outside_the_checkout(installed
     assert "Unknown config field 'no_such_field'" in result.stderr
     [path] = [word for word in result.stderr.split() if word.endswith('digits.py')]
     in_venv(python, path)
+
+
+@pytest.mark.parametrize('script', ['scripts/seeds.py', 'benchmarks/iteration.py',
+                                    'benchmarks/layers.py', 'benchmarks/gpu_check.py',
+                                    'benchmarks/prepare_device.py'])
+def test_scripts_run_from_a_checkout_that_is_not_installed(script, tmp_path):
+    """After `pip install -r requirements.txt` alone (the README's first command) the project is
+    not installed: each script finds the checkout's zskt_jax itself. ``python -S`` with the
+    site-packages on PYTHONPATH imports the dependencies but not the editable install of this
+    project (its .pth finder runs only when ``site`` does)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        site.getsitepackages() + [site.getusersitepackages()]))
+    result = subprocess.run([sys.executable, '-S', os.path.join(ROOT, script), '--help'],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                            timeout=120)
+    output = result.stdout + result.stderr
+    # --help exits 0 (argparse) or 1 (absl) after printing the script's own flags.
+    assert result.returncode in (0, 1) and 'Traceback' not in output, output
+    assert '--help' in output or '-h, --help' in output, output
