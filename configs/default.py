@@ -49,6 +49,7 @@ def get_config():
     config.one_hot_weight = 0.0       # DAFL/DFQ: teacher cross-entropy against its own argmax, on G
     config.replay_size = 0            # CMI's image pool: past generated images kept (a multiple of batch_size)
     config.replay_batch = 0           # images replayed from it into every student batch
+    config.student_augment = 'none'   # 'crop': each student image shifted by up to H/8 pixels (CMI)
 
     runtime.add(config, unit='iterations', log_every=50, eval_every=500,  # eval: N / 100
                 checkpoint_every=1000, keep_checkpoints=3)

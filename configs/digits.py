@@ -6,7 +6,8 @@ that the teacher and the student train in under 5 minutes on a 2-core CPU. The p
 alone stalls on some seeds here (a class never learned); this default adds the smallest set of
 the later methods' stabilisers with which every seed 0-4 reached 97% of the teacher
 (docs/robustness.md): BatchNorm-statistics matching, class balance and the one-hot term on the
-generator, and a replay memory of past generated images on the student's side.
+generator, and a replay memory of past generated images on the student's side, shifted at
+random as CMI reads its pool (student_augment = 'crop').
 configs/digits_paper.py is the same run with the paper's loop alone.
 If no teacher exists yet, ``teacher.recipe`` is run first.
 """
@@ -37,14 +38,14 @@ def get_config():
     config.one_hot_weight = 0.1       # DAFL / DFQ: confident teacher predictions
     config.replay_size = 8192         # CMI's image pool: the last 64 batches (25 MB) ...
     config.replay_batch = 128         # ... as many replayed images as new ones per student batch
-    # XLA:CPU: conv kernel gradients over slices of 64 of the 256-image student batch (0.40
-    # instead of 0.53 s an iteration at n_s = 5 on the 2-core AMD EPYC; the same gradients up
-    # to rounding).
+    config.student_augment = 'crop'   # CMI: the student's images shifted by up to 2 pixels
+    # oneDNN's convolutions on CPU (zskt_jax/onednn.py): the command in about 2.4 instead of 3
+    # minutes; the same function as XLA's up to rounding. Where it cannot be built (no g++, not
+    # x86-64 Linux) and on GPU/TPU the run falls back to XLA's convolutions, and on XLA:CPU the
+    # kernel gradients over slices of 64 of the 256-image student batch (0.40 instead of 0.53 s
+    # an iteration at n_s = 5 on the 2-core AMD EPYC; unused under oneDNN).
+    config.convolution = 'onednn'
     config.weight_grad_chunk = 64
-    # XLA's convolutions. --config.convolution=onednn (zskt_jax/onednn.py) runs the command in
-    # about 2.4 instead of 3 minutes, but its other rounding left seeds 1 and 4 of 0-4 short of
-    # 97% of the teacher, at 500 and at 650 iterations (docs/robustness.md), so it stays off.
-    config.convolution = 'xla'
     config.eval_every_iterations = 50
     config.eval_batch_size = 360
     config.log_every_iterations = 25

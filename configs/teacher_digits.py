@@ -11,6 +11,7 @@ def get_config():
     config.batch_size = 64
     config.learning_rate = 0.05
     config.augment = 'crop'           # no flips: digits are not mirror-symmetric
+    config.convolution = 'onednn'     # oneDNN's convolutions on CPU, as configs/digits.py
     config.log_every_epochs = 5
     config.checkpoint_every_epochs = 5
     return config

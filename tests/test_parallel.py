@@ -104,10 +104,10 @@ def _keep_first_gradient():
 
 
 # Every stabiliser of the later methods on (tests/test_stabilisers.py): the L1 criterion, the
-# BatchNorm-statistics, balance and one-hot terms, and a replay memory of 3 batches from which
-# 8 images (1 per device) join every student batch.
+# BatchNorm-statistics, balance and one-hot terms, a replay memory of 3 batches from which
+# 8 images (1 per device) join every student batch, and the student's images shifted.
 STABILISERS = dict(adversarial_loss='l1', bn_weight=0.5, balance_weight=2.0, one_hot_weight=0.5,
-                   replay_size=3 * BATCH, replay_batch=8)
+                   replay_size=3 * BATCH, replay_batch=8, student_augment='crop')
 # A toolbox pair at tiny width (ResNet-18 stages 4/8/16/32 channels): its four stages in the
 # attention term, its shortcut BatchNorms synchronised over the devices like the rest.
 RESNET_PAIR = {'teacher.arch': 'resnet18', 'teacher.base_width': 8,

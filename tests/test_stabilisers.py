@@ -17,7 +17,7 @@ import golden_iteration
 
 # Every stabiliser on at once (the L1 criterion in place of the KL).
 ALL_ON = dict(adversarial_loss='l1', bn_weight=0.5, balance_weight=2.0, one_hot_weight=0.5,
-              replay_size=48, replay_batch=8)
+              replay_size=48, replay_batch=8, student_augment='crop')
 
 
 def test_paper_iteration_equals_the_golden_values_recorded_before_the_stabilisers():
@@ -84,13 +84,15 @@ def test_stabilisers_that_are_off_are_not_traced(monkeypatch):
     monkeypatch.setitem(losses.ADVERSARIAL_LOSSES, 'l1', fail('adversarial_loss'))
     monkeypatch.setattr(zero_shot, '_bn_layers', fail('bn_weight'))
     monkeypatch.setattr(zero_shot, 'draw_replay_indices', fail('replay_size'))
+    monkeypatch.setattr(zero_shot, 'draw_shifts', fail('student_augment'))
 
     paper = golden_iteration.paper_config()
     hlo = _lower(paper).as_text()
     assert 'all_gather' not in hlo and 'all-gather' not in hlo  # no replay memory writes
     assert Stabilisers.from_config(paper) == Stabilisers()
     for field, value in (('adversarial_loss', 'l1'), ('bn_weight', 1.0), ('balance_weight', 1.0),
-                         ('one_hot_weight', 1.0), ('replay_size', 32)):
+                         ('one_hot_weight', 1.0), ('replay_size', 32),
+                         ('student_augment', 'crop')):
         overrides = {field: value, **({'replay_batch': 8} if field == 'replay_size' else {})}
         with pytest.raises(Traced, match=field):
             _lower(golden_iteration.paper_config(**overrides))
@@ -157,9 +159,12 @@ def test_bn_term_matches_the_teachers_running_statistics_and_leaves_the_teacher_
                            np.asarray(paper_state.generator.params['fc']['kernel']))
 
 
-def test_replay_memory_holds_the_generated_batches_in_a_ring():
+@pytest.mark.parametrize('augment', ['none', 'crop'])
+def test_replay_memory_holds_the_generated_batches_in_a_ring(augment):
+    """With the student's images shifted ('crop') the memory still holds them as generated."""
     batch = 16
-    config, models = _tiny(golden_iteration.paper_config(replay_size=2 * batch, replay_batch=8))
+    config, models = _tiny(golden_iteration.paper_config(replay_size=2 * batch, replay_batch=8,
+                                                         student_augment=augment))
     mesh = parallel.make_mesh()
     teacher = _teacher(models)
     state, z_key = create_states(config, models, mesh)
@@ -190,6 +195,7 @@ def test_replay_memory_holds_the_generated_batches_in_a_ring():
     (dict(replay_size=40, replay_batch=8), 'replay_size = 40 must be a multiple of config.batch_size = 16'),
     (dict(bn_weight=-1.0), 'bn_weight = -1.0; it must be >= 0'),
     (dict(adversarial_loss='js'), "adversarial_loss = 'js'; choose one of"),
+    (dict(student_augment='flip'), "student_augment = 'flip'; choose 'none' or 'crop'"),
 ])
 def test_stabiliser_settings_that_cannot_work_are_named(overrides, message):
     with pytest.raises(ValueError, match=message.replace('.', r'\.').replace('(', r'\(')):
@@ -217,3 +223,45 @@ def test_two_seeds_with_every_stabiliser_equal_two_single_seed_runs():
         np.testing.assert_allclose(np.asarray(a)[1], np.asarray(b), rtol=1e-4, atol=5e-5)
     np.testing.assert_allclose(metrics['student_loss'][1], single_metrics['student_loss'],
                                rtol=1e-4)
+
+
+def test_shifted_images_move_by_their_shift_and_repeat_the_border():
+    """iteration.shift_images against NumPy: output pixel (y, x) is input pixel
+    (clip(y + dy), clip(x + dx)), for every shift H/8 allows (2 at 16x16)."""
+    from zskt_jax.iteration import max_shift, shift_images
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(25, 16, 16, 3)).astype(np.float32)
+    assert max_shift(16) == 2 and max_shift(32) == 4
+    shifts = np.array([(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)], np.int32)
+    got = np.asarray(shift_images(jnp.asarray(images), jnp.asarray(shifts)))
+    rows = np.arange(16)
+    for image, (dy, dx), out in zip(images, shifts, got):
+        ys, xs = np.clip(rows + dy, 0, 15), np.clip(rows + dx, 0, 15)
+        np.testing.assert_array_equal(out, image[ys][:, xs])
+    np.testing.assert_array_equal(got[12], images[12])  # (0, 0): unchanged
+
+
+def test_shifts_cover_the_range_from_the_key_and_iteration_alone():
+    key = jax.random.key(3)
+    shifts = np.asarray(zero_shot.draw_shifts(key, 5, 4096, 32))
+    assert shifts.shape == (4096, 2) and set(np.unique(shifts)) == set(range(-4, 5))
+    np.testing.assert_array_equal(shifts, np.asarray(zero_shot.draw_shifts(key, 5, 4096, 32)))
+    assert not np.array_equal(shifts, np.asarray(zero_shot.draw_shifts(key, 6, 4096, 32)))
+
+
+def test_crop_changes_the_student_update_and_not_the_generator_update():
+    """The shifts act on the student's batch only: after one iteration the generator is the
+    one without them, the student is not."""
+    def one_iteration(augment):
+        config, models = _tiny(golden_iteration.paper_config(student_augment=augment))
+        mesh = parallel.make_mesh()
+        state, z_key = create_states(config, models, mesh)
+        state, _ = make_iteration_fn(models, config, mesh)(state, _teacher(models), z_key)
+        return state
+
+    plain, shifted = one_iteration('none'), one_iteration('crop')
+    for a, b in zip(jax.tree.leaves(plain.generator.params),
+                    jax.tree.leaves(shifted.generator.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(plain.student.params['fc']['kernel']),
+                           np.asarray(shifted.student.params['fc']['kernel']))

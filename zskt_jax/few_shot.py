@@ -14,7 +14,6 @@ function of (seed, i) alone, which makes a resumed run identical to an uninterru
 Writes ``{workdir}/checkpoints`` (``{'student': state}``, the format students.load_student
 reads), ``tensorboard/`` and ``results.json``, as the zero-shot job does.
 """
-import os
 from typing import Any, Dict
 
 import jax

@@ -32,11 +32,15 @@ class Stabilisers(NamedTuple):
     one_hot_weight: float = 0.0     # DAFL / DFQ: teacher cross-entropy against its own argmax
     replay_size: int = 0            # CMI's image pool: generated images kept (0 = off)
     replay_batch: int = 0           # images drawn from it into every student batch
+    student_augment: str = 'none'   # 'crop': the student's images shifted at random (CMI's pool)
 
     @classmethod
     def from_config(cls, config) -> 'Stabilisers':
         stabilisers = cls(**{field: config[field] for field in cls._fields})
         losses.adversarial_discrepancy(stabilisers.adversarial_loss)  # a clear error if unknown
+        if stabilisers.student_augment not in validation.STUDENT_AUGMENTS:
+            raise ConfigError(f'config.student_augment = {stabilisers.student_augment!r}; choose '
+                              f'{" or ".join(map(repr, validation.STUDENT_AUGMENTS))}')
         for field in ('bn_weight', 'balance_weight', 'one_hot_weight', 'replay_size',
                       'replay_batch'):
             if getattr(stabilisers, field) < 0:
@@ -50,6 +54,10 @@ class Stabilisers(NamedTuple):
     @property
     def replay(self) -> bool:
         return self.replay_size > 0
+
+    @property
+    def shift(self) -> bool:
+        return self.student_augment == 'crop'
 
 
 class Settings(NamedTuple):
@@ -232,6 +240,23 @@ def sample_replay(memory, images, replay_indices):
     return jnp.concatenate([images, memory[replay_indices]], axis=0)
 
 
+def max_shift(image_size: int) -> int:
+    """How far 'crop' shifts an image of this size: H/8 pixels, the teachers' crop (4 at 32x32,
+    torchvision's RandomCrop(32, padding=4); 2 at 16x16)."""
+    return image_size // 8
+
+
+def shift_images(images, shifts):
+    """Each image [H, W, C] of the batch translated by its (dy, dx) of ``shifts`` [N, 2], both in
+    [-max_shift(H), max_shift(H)]; the pixels moved in repeat the border (the generated images
+    have no black to pad with: they live in the teacher's normalised input space)."""
+    _, h, w, c = images.shape
+    pad = max_shift(h)
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='edge')
+    return jax.vmap(lambda image, shift: jax.lax.dynamic_slice(
+        image, (pad + shift[0], pad + shift[1], 0), (h, w, c)))(padded, shifts)
+
+
 def student_updates(settings: Settings, student: TrainState, images, teacher_logits,
                     teacher_activations, lr):
     """n_s updates of the student on the same images: D(T, S) + beta * attention, pmean-ed.
@@ -295,6 +320,8 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
     With replay on (``stabilisers.replay``) the body also takes the memory (replicated) and this
     device's rows of the iteration's replay indices, and returns the updated memory:
     (..., z, memory, replay_indices [R_local]) -> (generator, student, metrics, memory).
+    With ``student_augment = 'crop'`` it takes, last, this device's rows of the shifts of the new
+    images [B_local, 2] (and, with replay, of the replayed ones [R_local, 2]).
     Losses are ``pmean``-ed over the ``data`` axis before differentiation, so gradients are the
     global-batch average whatever the device count (the gradient of each device's own loss,
     summed by shard_map, would be multiplied by the device count).
@@ -308,7 +335,7 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
         n_generator_steps, n_student_steps, beta, num_iterations, generator_lr, student_lr,
         unroll, attention_pairs)
 
-    def body(generator: TrainState, student: TrainState, teacher_variables, z, *replay):
+    def body(generator: TrainState, student: TrainState, teacher_variables, z, *extras):
         iteration = student.step
         lr_g = cosine_learning_rate(generator_lr, iteration, num_iterations)
         lr_s = cosine_learning_rate(student_lr, iteration, num_iterations)
@@ -316,9 +343,11 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
             settings, generator, student, teacher_variables, z, lr_g)
         images, generator = fixed_generator_images(settings, generator, z)
         if stabilisers.replay:
-            memory, replay_indices = replay
+            memory, replay_indices, *extras = extras
             memory = write_replay(memory, images, iteration)
             images = sample_replay(memory, images, replay_indices)
+        if stabilisers.shift:  # the memory keeps the images as generated
+            images = shift_images(images, jnp.concatenate(extras, axis=0))
         teacher_logits, teacher_activations = teacher_forward(models, teacher_variables, images)
         student, student_metrics = student_updates(settings, student, images, teacher_logits,
                                                    teacher_activations, lr_s)
@@ -332,17 +361,16 @@ def make_iteration_body(models: Models, *, n_generator_steps: int, n_student_ste
     return body
 
 
-def shard_body(body: Callable, mesh, *, num_seeds: int, replay: bool) -> Callable:
+def shard_body(body: Callable, mesh, *, num_seeds: int, replay: bool,
+               shift: bool = False) -> Callable:
     """shard_map(body) over ``data``: states, the replay memory and the teacher replicated, the z
-    batch (and the replay draw) sharded. With ``num_seeds`` > 1 the states, z (and memory, draw)
-    carry a leading seed axis and the body is vmapped over it (one teacher)."""
-    replay_args = 2 if replay else 0
-    if num_seeds == 1:
-        z_spec = P(DATA_AXIS)                                     # z: [B, z_dim]
-    else:
-        body = jax.vmap(body, in_axes=(0, 0, None, 0) + (0,) * replay_args)
-        z_spec = P(None, DATA_AXIS)                               # z: [seeds, B, z_dim]
-    # The memory is replicated, the replay draw sharded like z.
-    replay_specs = (P(), z_spec)[:replay_args]
-    return data_parallel(body, mesh, in_specs=(P(), P(), P(), z_spec) + replay_specs,
-                         out_specs=(P(), P(), P()) + replay_specs[:1])
+    batch (and the replay draw, the shifts) sharded. With ``num_seeds`` > 1 the states, z (and
+    memory, draw, shifts) carry a leading seed axis and the body is vmapped over it (one
+    teacher)."""
+    z_spec = P(DATA_AXIS) if num_seeds == 1 else P(None, DATA_AXIS)  # z: [(seeds,) B, z_dim]
+    # The memory is replicated; the replay draw and the shifts are sharded like z.
+    extra_specs = ((P(), z_spec) if replay else ()) + ((z_spec,) * (1 + replay) if shift else ())
+    if num_seeds > 1:
+        body = jax.vmap(body, in_axes=(0, 0, None, 0) + (0,) * len(extra_specs))
+    return data_parallel(body, mesh, in_specs=(P(), P(), P(), z_spec) + extra_specs,
+                         out_specs=(P(), P(), P()) + ((P(),) if replay else ()))

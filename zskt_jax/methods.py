@@ -27,7 +27,7 @@ logger = logging.getLogger('zskt_jax')
 
 # The fields a preset sets (every other field keeps the config's value).
 FIELDS = ('adversarial_loss', 'bn_weight', 'balance_weight', 'one_hot_weight', 'replay_size',
-          'replay_batch')
+          'replay_batch', 'student_augment')
 
 # The toolbox's script weights (adv, bn, oh, balance) of scripts/dfq/dfq_cifar10_wrn402_wrn161.sh
 # and scripts/dafl/dafl_cifar10_wrn402_wrn161.sh.
@@ -50,7 +50,9 @@ def _terms(num_classes: int, bn: bool, one_hot: bool, balance: bool) -> Dict:
                 balance_weight=TOOLBOX_BALANCE / num_classes if balance else 0.0)
 
 
-_OFF = dict(replay_size=0, replay_batch=0)
+_OFF = dict(replay_size=0, replay_batch=0, student_augment='none')
+_NO_MEMORY = {'replay_size': 'no memory: off', 'replay_batch': 'no memory: off',
+              'student_augment': 'the student sees the generated images as they are: off'}
 _PAPER = 'the paper (Micaelli & Storkey 2019, Algorithm 1): off'
 _TOOLBOX = ('toolbox scripts/{script}: {name} {value:g}, divided by the number of classes '
             '(this project\'s KL scale)')
@@ -75,7 +77,7 @@ PRESETS: Dict[str, Preset] = {
                                            name='oh', value=TOOLBOX_ONE_HOT),
          'balance_weight': _TOOLBOX.format(script='dafl/dafl_cifar10_wrn402_wrn161.sh',
                                            name='balance', value=TOOLBOX_BALANCE),
-         'replay_size': 'no memory: off', 'replay_batch': 'no memory: off'}),
+         **_NO_MEMORY}),
     'dfq': Preset(
         'DFQ (Choi et al. 2020) as the toolbox runs it: BatchNorm statistics, one-hot and class '
         'balance on the generator',
@@ -87,17 +89,21 @@ PRESETS: Dict[str, Preset] = {
                                            value=TOOLBOX_ONE_HOT),
          'balance_weight': _TOOLBOX.format(script='dfq/dfq_cifar10_wrn402_wrn161.sh',
                                            name='balance', value=TOOLBOX_BALANCE),
-         'replay_size': 'no memory: off', 'replay_batch': 'no memory: off'}),
+         **_NO_MEMORY}),
     'robust': Preset(
         "this project's digits default: DFQ's terms plus a replay memory of past generated "
-        'images on the student side (every digits seed 0-4 converges with it)',
+        'images on the student side, shifted at random as CMI reads its pool (every digits '
+        'seed 0-4 converges with it)',
         lambda c, b: dict(adversarial_loss='kl', **_terms(c, True, True, True),
-                          replay_size=REPLAY_BATCHES * b, replay_batch=b),
+                          replay_size=REPLAY_BATCHES * b, replay_batch=b, student_augment='crop'),
         {'adversarial_loss': 'as dfq', 'bn_weight': 'as dfq', 'one_hot_weight': 'as dfq',
          'balance_weight': 'as dfq',
          'replay_size': f"CMI's image pool (toolbox datafree/utils: ImagePool): the last "
                         f'{REPLAY_BATCHES} batches',
-         'replay_batch': 'as many replayed images as new ones in every student batch'}),
+         'replay_batch': 'as many replayed images as new ones in every student batch',
+         'student_augment': "CMI reads its pool through the teachers' training transform "
+                            "(toolbox datafree_kd.py: transform=ori_dataset.transform): shifts "
+                            'of up to H/8 pixels'}),
 }
 
 

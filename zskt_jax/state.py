@@ -3,7 +3,7 @@ zero-shot job's state (both of them and the replay memory) with its saved form.
 
 The teacher's variables are never part of a state: they are an argument of the step, frozen.
 """
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax

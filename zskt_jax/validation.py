@@ -20,6 +20,8 @@ from zskt_jax.errors import ConfigError, UserError
 from zskt_jax.models.layers import CONVOLUTIONS
 
 JOBS = ('zero_shot', 'teacher', 'few_shot', 'belief')
+# config.student_augment of zero-shot runs: 'crop' shifts the student's images (iteration.py).
+STUDENT_AUGMENTS = ('none', 'crop')
 MISSING = object()
 
 
@@ -158,6 +160,7 @@ RULES = {
         non_negative('bn_weight', ' (0: off)'), non_negative('balance_weight', ' (0: off)'),
         non_negative('one_hot_weight', ' (0: off)'),
         non_negative_int('replay_size', ' (0: off)'), non_negative_int('replay_batch', ' (0: off)'),
+        one_of('student_augment', STUDENT_AUGMENTS),
         positive_int('num_seeds'), one_of('update_loop', ('auto', 'scan', 'unroll'))),
     'teacher': _COMMON + _network('teacher') + _SGD + _runtime(
         'epochs', stop_unit='steps', evaluates=False) + (positive_int('epochs'),),

@@ -17,7 +17,7 @@ from zskt_jax.common import Distillation, Models  # noqa: F401 (Models: zero_sho
 from zskt_jax.errors import ConfigError, NonFiniteLossError  # noqa: F401 (raised by the loop)
 # The iteration's names, importable from here as before (tests patch zero_shot._bn_layers).
 from zskt_jax.iteration import (Stabilisers, _bn_layers, make_iteration_body,  # noqa: F401
-                                shard_body, use_unrolled_loops)
+                                max_shift, shard_body, use_unrolled_loops)
 from zskt_jax.models.layers import INPUT_MOMENTS  # noqa: F401
 from zskt_jax.state import ZeroShotState
 
@@ -44,14 +44,27 @@ def draw_replay_indices(base_key, iteration, batch_size: int, replay_size: int,
     return jax.random.randint(key, (replay_batch,), 0, filled)
 
 
+# fold_in(fold_in(z key, iteration), SHIFT_STREAM): the key of an iteration's student shifts.
+SHIFT_STREAM = 2
+
+
+def draw_shifts(base_key, iteration, num_images: int, image_size: int):
+    """The iteration's global (dy, dx) shifts of the student's images (student_augment = 'crop'),
+    [num_images, 2], uniform in [-H/8, H/8]: the new images' rows first, then the replayed
+    ones'; from (seed key, iteration) only, like z."""
+    key = jax.random.fold_in(jax.random.fold_in(base_key, iteration), SHIFT_STREAM)
+    bound = max_shift(image_size)
+    return jax.random.randint(key, (num_images, 2), -bound, bound + 1)
+
+
 def make_iteration_fn(models: Models, config, mesh, donate: bool = False) -> Callable:
     """The compiled iteration: (state, teacher_variables, z_key) -> (state, metrics).
 
     ``donate``: the input state's buffers are reused for the output (the caller must not read
     the state it passed in again).
 
-    jit(shard_map(body)) (``iteration.shard_body``), z (and the replay draw) drawn inside from
-    (z_key, iteration). With ``config.num_seeds = k > 1`` the states, keys and metrics carry a
+    jit(shard_map(body)) (``iteration.shard_body``), z (and the replay draw, the shifts) drawn
+    inside from (z_key, iteration). With ``config.num_seeds = k > 1`` the states, keys and metrics carry a
     leading seed axis and the body is vmapped over it: k independent generator/student pairs,
     one teacher, one program.
     """
@@ -65,24 +78,31 @@ def make_iteration_fn(models: Models, config, mesh, donate: bool = False) -> Cal
     draw_replay = functools.partial(draw_replay_indices, batch_size=config.batch_size,
                                     replay_size=stabilisers.replay_size,
                                     replay_batch=stabilisers.replay_batch)
+    draw_shift = None
+    if stabilisers.shift:
+        from zskt_jax import data
+        draw_shift = functools.partial(
+            draw_shifts, num_images=config.batch_size + stabilisers.replay_batch,
+            image_size=data.dataset_info(config.dataset).image_shape[0])
     parallel.check_divisible(stabilisers.replay_batch, mesh, 'replay_batch')
     if num_seeds(config) > 1:
         draw, draw_replay = jax.vmap(draw), jax.vmap(draw_replay)
-    sharded = shard_body(body, mesh, num_seeds=num_seeds(config), replay=stabilisers.replay)
+        draw_shift = draw_shift and jax.vmap(draw_shift)
+    sharded = shard_body(body, mesh, num_seeds=num_seeds(config), replay=stabilisers.replay,
+                         shift=stabilisers.shift)
 
     def iteration_fn(state: ZeroShotState, teacher_variables, z_key):
         iteration = state.student.step
-        z = draw(z_key, iteration)
-        if not stabilisers.replay:
-            generator, student, metrics = sharded(state.generator, state.student,
-                                                  teacher_variables, z)
-            new_state = ZeroShotState(generator, student)
-        else:
-            generator, student, metrics, memory = sharded(
-                state.generator, state.student, teacher_variables, z, state.replay,
-                draw_replay(z_key, iteration))
-            new_state = ZeroShotState(generator, student, memory)
-        return new_state, metrics
+        extras = ()
+        if stabilisers.replay:
+            extras += (state.replay, draw_replay(z_key, iteration))
+        if stabilisers.shift:  # the new images' shifts, then the replayed ones' (sharded alike)
+            shifts = draw_shift(z_key, iteration)
+            extras += (shifts[..., :config.batch_size, :],) + (
+                (shifts[..., config.batch_size:, :],) if stabilisers.replay else ())
+        generator, student, metrics, *memory = sharded(
+            state.generator, state.student, teacher_variables, draw(z_key, iteration), *extras)
+        return ZeroShotState(generator, student, *memory), metrics
 
     return jax.jit(iteration_fn, donate_argnums=(0,) if donate else ())
 

@@ -11,7 +11,7 @@ the same state-dict keys; its names ``wrn16_1`` ... ``wrn40_2`` build this modul
 (``models.registry``) and its checkpoints import as the authors' do.
 """
 import re
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import jax.numpy as jnp
 import flax.linen as nn
