@@ -39,11 +39,11 @@ def get_config():
     config.replay_size = 8192         # CMI's image pool: the last 64 batches (25 MB) ...
     config.replay_batch = 128         # ... as many replayed images as new ones per student batch
     config.student_augment = 'crop'   # CMI: the student's images shifted by up to 2 pixels
-    # oneDNN's convolutions on CPU (zskt_jax/onednn.py): the command in about 2.4 instead of 3
-    # minutes; the same function as XLA's up to rounding. Where it cannot be built (no g++, not
-    # x86-64 Linux) and on GPU/TPU the run falls back to XLA's convolutions, and on XLA:CPU the
-    # kernel gradients over slices of 64 of the 256-image student batch (0.40 instead of 0.53 s
-    # an iteration at n_s = 5 on the 2-core AMD EPYC; unused under oneDNN).
+    # oneDNN's convolutions on CPU (zskt_jax/onednn.py): the student's job in 146 instead of
+    # 182 s on a 2-core Xeon; the same function as XLA's up to rounding. Where it cannot be built
+    # (no g++, not x86-64 Linux) and on GPU/TPU the run falls back to XLA's convolutions, and on
+    # XLA:CPU the kernel gradients over slices of 64 of the 256-image student batch (0.40 instead
+    # of 0.53 s an iteration at n_s = 5 on the 2-core AMD EPYC; unused under oneDNN).
     config.convolution = 'onednn'
     config.weight_grad_chunk = 64
     config.eval_every_iterations = 50

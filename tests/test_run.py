@@ -162,8 +162,8 @@ def test_zero_shot_iterations_transfer_nothing_between_host_and_device(
 
 def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_path, monkeypatch):
     """The recipe trains the teacher the distillation will load: the config's dataset, data
-    dir, teacher network and precision replace the recipe's own; the recipe's path
-    ('configs/teacher_digits.py') is found in the configs package whatever the current directory
+    dir, teacher network, precision and convolutions replace the recipe's own; the recipe's
+    path ('configs/teacher_digits.py') is found in the configs package whatever the current directory
     (tests/test_install.py: next to the config file that names it)."""
     from zskt_jax import launch
     from configs import digits
@@ -172,13 +172,14 @@ def test_teacher_recipe_gets_the_data_and_teacher_of_the_config_that_asks(tmp_pa
     config.data_dir = str(tmp_path / 'tfds')
     config.teacher.arch, config.teacher.base_width = 'WRN-10-2', 16
     config.compute_dtype = 'bfloat16'
+    config.convolution = 'xla'  # the recipe's own is 'onednn'
     config.teacher.checkpoint = 'elsewhere/my_teacher'  # not ending in /teacher
     monkeypatch.chdir(tmp_path)
     teacher_config = launch.teacher_recipe_config(config)
     assert teacher_config.job == 'teacher'
     assert (teacher_config.dataset, teacher_config.data_dir) == ('digits', str(tmp_path / 'tfds'))
     assert (teacher_config.teacher.arch, teacher_config.teacher.base_width) == ('WRN-10-2', 16)
-    assert teacher_config.compute_dtype == 'bfloat16'
+    assert (teacher_config.compute_dtype, teacher_config.convolution) == ('bfloat16', 'xla')
     # The teacher is written where the distillation will read it.
     assert teacher_config.teacher.checkpoint == 'elsewhere/my_teacher'
     # Everything else is the recipe's (configs/teacher_digits.py).

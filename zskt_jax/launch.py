@@ -118,9 +118,10 @@ def resolve_config_argv(argv):
 
 
 # What a teacher recipe takes from the config that asked for it: the data it must classify and
-# the network the distillation will load (a recipe's own values would train another teacher).
+# the network the distillation will load (a recipe's own values would train another teacher),
+# and the precision and convolutions the command runs with.
 TEACHER_RECIPE_OVERRIDES = ('dataset', 'data_dir', 'teacher.arch', 'teacher.base_width',
-                            'teacher.checkpoint', 'compute_dtype')
+                            'teacher.checkpoint', 'compute_dtype', 'convolution')
 
 
 def teacher_recipe_config(config, config_path=None):
