@@ -24,7 +24,8 @@ from zskt_jax.state import TrainState, cosine_learning_rate
 class Stabilisers(NamedTuple):
     """The terms that the data-free methods after ZSKT add to its loop (docs/method.md, section
     "Stabilisers"), read from the config. The defaults are the paper's loop: nothing added, nothing
-    traced. Each weight scales a term of the GENERATOR's loss; replay changes the student's batch.
+    traced. Each weight scales a term of the GENERATOR's loss; replay and student_augment change
+    the student's batch.
     """
     adversarial_loss: str = 'kl'    # D(T, S) of both players: 'kl' (ZSKT) | 'l1' (DFAD)
     bn_weight: float = 0.0          # DeepInversion / DFQ / CMI: teacher BN input statistics
