@@ -159,12 +159,13 @@ def test_bn_term_matches_the_teachers_running_statistics_and_leaves_the_teacher_
                            np.asarray(paper_state.generator.params['fc']['kernel']))
 
 
-@pytest.mark.parametrize('augment', ['none', 'crop'])
-def test_replay_memory_holds_the_generated_batches_in_a_ring(augment):
-    """With the student's images shifted ('crop') the memory still holds them as generated."""
+# A replay memory of 2 batches of 16, 8 images of it replayed into every student batch.
+RING = dict(replay_size=32, replay_batch=8)
+
+
+def test_replay_memory_holds_the_generated_batches_in_a_ring():
     batch = 16
-    config, models = _tiny(golden_iteration.paper_config(replay_size=2 * batch, replay_batch=8,
-                                                         student_augment=augment))
+    config, models = _tiny(golden_iteration.paper_config(**RING))
     mesh = parallel.make_mesh()
     teacher = _teacher(models)
     state, z_key = create_states(config, models, mesh)
@@ -250,18 +251,20 @@ def test_shifts_cover_the_range_from_the_key_and_iteration_alone():
 
 
 def test_crop_changes_the_student_update_and_not_the_generator_update():
-    """The shifts act on the student's batch only: after one iteration the generator is the
-    one without them, the student is not."""
+    """The shifts act on the student's batch only: after one iteration (replay on) the generator
+    and the memory are the run's without them (the memory keeps the images as generated,
+    test_replay_memory_holds_the_generated_batches_in_a_ring), the student is not."""
     def one_iteration(augment):
-        config, models = _tiny(golden_iteration.paper_config(student_augment=augment))
+        config, models = _tiny(golden_iteration.paper_config(**RING, student_augment=augment))
         mesh = parallel.make_mesh()
         state, z_key = create_states(config, models, mesh)
         state, _ = make_iteration_fn(models, config, mesh)(state, _teacher(models), z_key)
         return state
 
     plain, shifted = one_iteration('none'), one_iteration('crop')
-    for a, b in zip(jax.tree.leaves(plain.generator.params),
-                    jax.tree.leaves(shifted.generator.params)):
+    assert np.any(np.asarray(plain.replay))
+    for a, b in zip(jax.tree.leaves((plain.generator.params, plain.replay)),
+                    jax.tree.leaves((shifted.generator.params, shifted.replay))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(plain.student.params['fc']['kernel']),
                            np.asarray(shifted.student.params['fc']['kernel']))
