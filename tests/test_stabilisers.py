@@ -159,12 +159,14 @@ def test_bn_term_matches_the_teachers_running_statistics_and_leaves_the_teacher_
                            np.asarray(paper_state.generator.params['fc']['kernel']))
 
 
-# A replay memory of 2 batches of 16, 8 images of it replayed into every student batch.
-RING = dict(replay_size=32, replay_batch=8)
+# A replay memory of 2 batches (of the tiny config's 16), 8 images of it replayed into every
+# student batch.
+RING_BATCH = 16
+RING = dict(replay_size=2 * RING_BATCH, replay_batch=8)
 
 
 def test_replay_memory_holds_the_generated_batches_in_a_ring():
-    batch = 16
+    batch = RING_BATCH
     config, models = _tiny(golden_iteration.paper_config(**RING))
     mesh = parallel.make_mesh()
     teacher = _teacher(models)
