@@ -12,8 +12,8 @@ one H200-class GPU; every part also runs, slowly, on CPU):
    convolution, forward and backward, at the paper's two generator layers.
 3. The digits default (``configs/digits.py``: teacher recipe, then 500 iterations) and the larger
    pair (WRN-16-2 -> WRN-16-1 at base width 16, 250 iterations, its own teacher) through
-   ``run.py``, each with its wall time and final accuracy; and the digits default once more
-   without its CPU lever (``weight_grad_chunk = 0``).
+   ``run.py``, each with its wall time and final accuracy; then the digits default's seeds 1-4
+   from the same teacher (does every seed reach 97% of it on this device?).
 
 Nothing is downloaded: torch is used only if it is installed. On a bare GPU image (no TFDS, no
 TensorFlow, no package index) run ``benchmarks/prepare_device.py`` on a machine that has the
@@ -28,6 +28,7 @@ error and the next one runs; parts left when ``--budget_s`` is spent are recorde
 The parts run in ``--parts`` order (default: what users run first).
 """
 import argparse
+import functools
 import glob
 import json
 import os
@@ -57,14 +58,15 @@ ITERATION_VARIANTS = (
 UPSAMPLE_LAYERS = (((128, 8, 8, 128), 128), ((128, 16, 16, 128), 64))
 QUICK_UPSAMPLE_LAYERS = (((8, 4, 4, 8), 8),)
 DIGITS_RUNS = (
-    ('digits_default', []),
+    # (name, extra flags of run.py, seeds, the run whose teacher it shares or '' for its own)
+    ('digits_default', [], (0,), ''),
     ('digits_wrn16_2_to_wrn16_1', ['--config.teacher.arch=WRN-16-2',
                                    '--config.teacher.base_width=16',
                                    '--config.student.base_width=16',
                                    '--config.num_iterations=250',
-                                   '--config.eval_every_iterations=25']),
-    # The digits default without its CPU lever (kernel gradients over batch slices).
-    ('digits_default_unsliced', ['--config.weight_grad_chunk=0']),
+                                   '--config.eval_every_iterations=25'], (0,), ''),
+    # Does the default reach 97% of its teacher on every seed here? (--quick: seed 1 only)
+    ('digits_default_seeds_1_4', [], (1, 2, 3, 4), 'digits_default'),
 )
 # --quick: a tiny teacher (the first two flags) and 4 iterations (a smoke test of this script,
 # not a measurement).
@@ -129,26 +131,38 @@ def run_py(name, args, log):
     return time.perf_counter() - start
 
 
-def digits_run(name: str, flags, quick: bool, workdir: str, log):
-    """Trains the run's teacher with the recipe first (timed with it); --quick trains a tiny
-    teacher for one epoch instead, then distils it for 4 iterations."""
-    run_dir, teacher = os.path.join(workdir, name), os.path.join(workdir, f'{name}_teacher')
+def digits_run(name: str, flags, seeds, teacher_of: str, quick: bool, workdir: str, log):
+    """Distils the run's teacher into a student for each seed. The teacher is the one of the run
+    ``teacher_of`` (or this run's own), trained with the recipe at the first seed that finds none
+    (timed with it); --quick trains a tiny teacher for one epoch instead and distils it for 4
+    iterations."""
+    teacher = os.path.join(workdir, f'{teacher_of or name}_teacher')
     wall = 0.0
     if quick:
-        wall += run_py(f'{name} teacher', [
-            '--config=configs/teacher_digits.py', '--config.epochs=1', f'--workdir={teacher}',
-            *QUICK_DIGITS[:2]], log)
+        if not os.path.exists(os.path.join(teacher, 'teacher')):
+            wall += run_py(f'{name} teacher', [
+                '--config=configs/teacher_digits.py', '--config.epochs=1', f'--workdir={teacher}',
+                *QUICK_DIGITS[:2]], log)
         flags = list(flags) + QUICK_DIGITS + ['--config.teacher.recipe=']
-    wall += run_py(name, ['--config=configs/digits.py', f'--workdir={run_dir}',
-                          f'--config.teacher.checkpoint={teacher}/teacher', *flags], log)
-    with open(os.path.join(run_dir, 'results.json')) as f:
-        run = json.load(f)
-    log(f"  {run['student_accuracy']:.2%} (teacher {run['teacher_accuracy']:.2%}), "
-        f'{wall:.0f} s with the teacher')
-    return {'wall_time_s_with_teacher': wall, 'student_wall_time_s': run['wall_time_s'],
-            'student_accuracy': run['student_accuracy'],
-            'teacher_accuracy': run['teacher_accuracy'],
-            'backend': run['backend'], 'devices': run['devices']}
+    runs = []
+    for seed in seeds:
+        run_dir = os.path.join(workdir, f'{name}_seed{seed}')
+        wall += run_py(f'{name}, seed {seed}', [
+            '--config=configs/digits.py', f'--workdir={run_dir}', f'--config.seed={seed}',
+            f'--config.teacher.checkpoint={teacher}/teacher', *flags], log)
+        with open(os.path.join(run_dir, 'results.json')) as f:
+            runs.append(json.load(f))
+        log(f"  seed {seed}: {runs[-1]['student_accuracy']:.2%} "
+            f"(teacher {runs[-1]['teacher_accuracy']:.2%})")
+    log(f'  {wall:.0f} s with the teacher')
+    per_seed = [run['student_accuracy'] for run in runs]
+    teacher_accuracy = runs[0]['teacher_accuracy']
+    return {'wall_time_s_with_teacher': wall, 'seeds': list(seeds),
+            'student_wall_time_s': [run['wall_time_s'] for run in runs],
+            'student_accuracy': statistics.mean(per_seed), 'student_accuracy_per_seed': per_seed,
+            'share_of_teacher_per_seed': [a / teacher_accuracy for a in per_seed],
+            'teacher_accuracy': teacher_accuracy,
+            'backend': runs[0]['backend'], 'devices': runs[0]['devices']}
 
 
 def parts(quick: bool, workdir: str, log):
@@ -156,14 +170,19 @@ def parts(quick: bool, workdir: str, log):
     table = {name: (lambda flags=flags: time_iteration(flags, quick))
              for name, flags in ITERATION_VARIANTS}
     table['upsample_conv3x3'] = lambda: time_upsample(quick, 3 if quick else 20, log)
-    for name, flags in DIGITS_RUNS[:1] if quick else DIGITS_RUNS:
-        table[name] = lambda name=name, flags=flags: digits_run(name, flags, quick, workdir, log)
+    for name, flags, seeds, teacher_of in DIGITS_RUNS:
+        if quick:  # the default's parts, one seed each, from one tiny teacher
+            if flags:  # the larger pair: its sizes are not the tiny ones
+                continue
+            seeds = seeds[:1]
+        table[name] = functools.partial(digits_run, name, flags, seeds, teacher_of, quick,
+                                        workdir, log)
     return table
 
 
 # Default order: the user's job first, then the paper's iteration against PyTorch, then the rest.
 DEFAULT_ORDER = ('digits_default', 'float32', 'resnet34_resnet18_b256',
-                 'digits_wrn16_2_to_wrn16_1', 'digits_default_unsliced', 'bfloat16',
+                 'digits_wrn16_2_to_wrn16_1', 'digits_default_seeds_1_4', 'bfloat16',
                  'upsample_conv3x3', 'unrolled', 'num_seeds_3')
 
 

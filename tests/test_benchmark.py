@@ -89,8 +89,11 @@ def test_gpu_check_quick_runs_as_on_the_gpu_image(tmp_path):
     assert variants['bfloat16']['torch'] is None  # PyTorch only beside float32
     [layer] = parts['upsample_conv3x3']
     assert layer['upsample_conv3x3_s'] > 0 and layer['upsample_then_conv_s'] > 0
-    digits = parts['digits_default']
+    digits, seeds = parts['digits_default'], parts['digits_default_seeds_1_4']
     assert 0 <= digits['student_accuracy'] <= 1 and digits['wall_time_s_with_teacher'] > 0
+    assert digits['seeds'] == [0] and seeds['seeds'] == [1]  # --quick: one seed
+    assert seeds['teacher_accuracy'] == digits['teacher_accuracy']
+    assert result.stdout.count('teacher_digits.py') == 1  # the seeds reuse the default's teacher
     assert report['backend'] == 'cpu' and report['quick']
 
 

@@ -132,3 +132,23 @@ def test_chunked_weight_grad_conv_gives_the_plain_gradients(dtype):
             scale = float(jnp.max(jnp.abs(a))) + 1e-12
             np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale,
                                        atol=tolerance)
+
+
+def test_weight_grad_chunk_is_a_cpu_lever(monkeypatch, caplog):
+    """config.weight_grad_chunk slices kernel gradients on CPU only: on a GPU or TPU (where the
+    slices cost time) the networks get 0, the whole batch, and the run says so once."""
+    import logging
+
+    from ml_collections import ConfigDict
+
+    from zskt_jax import common
+    sliced, plain = ConfigDict({'weight_grad_chunk': 64}), ConfigDict({'weight_grad_chunk': 0})
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+    assert common.weight_grad_chunk(sliced) == 64 and common.weight_grad_chunk(plain) == 0
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    common._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger='zskt_jax'):
+        assert [common.weight_grad_chunk(c) for c in (sliced, sliced, plain)] == [0, 0, 0]
+    assert [r.getMessage() for r in caplog.records] == [
+        'config.weight_grad_chunk = 64 is a CPU lever; on gpu each kernel gradient takes the '
+        'whole batch at once (faster there)']

@@ -30,12 +30,19 @@ def compute_dtype(config):
 
 
 def weight_grad_chunk(config) -> int:
-    """config.weight_grad_chunk: examples per slice of each conv kernel gradient
-    (``models.layers.chunked_weight_grad_conv``); 0 = the whole batch at once (the default)."""
+    """config.weight_grad_chunk resolved for this machine: examples per slice of each conv kernel
+    gradient (``models.layers.chunked_weight_grad_conv``); 0 = the whole batch at once (the
+    default). The slices are a CPU lever: on a GPU or TPU they only cost time, so there the
+    whole batch is used, saying so once."""
     chunk = config.get('weight_grad_chunk', 0)  # belief's configs have none: no weight gradients
     if chunk < 0:
         raise ConfigError(f'config.weight_grad_chunk = {chunk}; use 0 (off) or a positive '
                          'number of examples per slice (8 is fastest on XLA:CPU)')
+    backend = jax.default_backend()
+    if chunk and backend != 'cpu':
+        _log_once(logging.INFO, f'config.weight_grad_chunk = {chunk} is a CPU lever; on {backend} '
+                  'each kernel gradient takes the whole batch at once (faster there)')
+        return 0
     return chunk
 
 
