@@ -23,6 +23,8 @@ def test_tiny_distillation_writes_results_and_tensorboard(tmp_path, digits_data_
     result = run_py(f'--config={config_path}', f'--workdir={workdir}', '--config.n_s=1')
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'it/s' in result.stdout and 'ETA' in result.stdout
+    # TensorFlow's start-up lines (one about its own oneDNN use) are kept out of the output.
+    assert 'oneDNN custom operations' not in result.stderr and 'absl::' not in result.stderr
     results = json.loads((workdir / 'results.json').read_text())
     assert 0.0 <= results['student_accuracy'] <= 1.0
     assert 0.0 <= results['teacher_accuracy'] <= 1.0

@@ -10,12 +10,19 @@ TPU VM JAX finds the other workers itself; elsewhere pass --coordinator_address,
 and --process_id (or ZSKT_COORDINATOR_ADDRESS, ZSKT_NUM_PROCESSES, ZSKT_PROCESS_ID), or
 --distributed=on where JAX detects the cluster (SLURM, Open MPI, Kubernetes). See docs/parallel.md.
 """
+import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+# TensorFlow (imported by TFDS, clu and etils' paths) only reads data and writes summaries here.
+# Its start-up lines, one of them about its own use of oneDNN (not this project's convolutions),
+# are noise in a run's output; set these variables to see them.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-from zskt_jax import launch
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from zskt_jax import launch  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file; override fields with '
                                 '--config.FIELD=VALUE.', lock_config=True)
