@@ -187,10 +187,14 @@ def test_a_run_with_onednn_resumes_bitwise(tmp_path, digits_data_dir, tiny_teach
 
     def run(workdir, stop_after=0):
         config = tiny_zero_shot_config(digits_data_dir, tiny_teacher, convolution='onednn',
-                                       num_iterations=4, stop_after_iterations=stop_after)
+                                       weight_grad_chunk=8, num_iterations=4,
+                                       stop_after_iterations=stop_after)
         return zero_shot.train_and_evaluate(config, str(workdir))
 
-    run(tmp_path / 'straight')
+    results = run(tmp_path / 'straight')
+    # results.json says what ran: oneDNN's convolutions, whose kernel gradients are not sliced.
+    assert (results['convolution'], results['weight_grad_chunk']) == ('onednn', 0)
+    assert results['config']['weight_grad_chunk'] == 8
     run(tmp_path / 'resumed', stop_after=2)
     assert not (tmp_path / 'resumed' / 'results.json').exists()
     run(tmp_path / 'resumed')

@@ -29,6 +29,8 @@ def test_tiny_distillation_writes_results_and_tensorboard(tmp_path, digits_data_
     assert 0.0 <= results['student_accuracy'] <= 1.0
     assert 0.0 <= results['teacher_accuracy'] <= 1.0
     assert results['iterations'] == 3 and results['config']['n_s'] == 1  # the override reached it
+    assert (results['backend'], results['convolution'], results['weight_grad_chunk']) == (
+        'cpu', 'xla', results['config']['weight_grad_chunk'])
     assert [h['iteration'] for h in results['history']] == [2, 3]
     assert results['wall_time_s'] > 0
     final = results['history'][-1]

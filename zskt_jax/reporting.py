@@ -151,12 +151,19 @@ def format_seconds(seconds: float) -> str:
 def finish_results(workdir: str, results: Dict, *, wall_time_s: float, config: Dict,
                    active: bool = True, **fields) -> Optional[str]:
     """Every job's results writer: ``results`` with the fields every job reports added (its
-    wall time, the job's own ``fields`` such as its history, the devices, the backend and the
-    config), written as ``{workdir}/results.json`` (``write_results``). Returns the path, None
-    where ``active`` is False (every process but 0)."""
+    wall time, the job's own ``fields`` such as its history, the devices, the backend, the
+    convolutions and kernel-gradient slices that ran (the config's CPU levers as resolved on
+    this machine) and the config), written as ``{workdir}/results.json`` (``write_results``).
+    Returns the path, None where ``active`` is False (every process but 0)."""
     import jax
+
+    from zskt_jax import common
+    convolution = common.convolution(config)
     results.update(wall_time_s=wall_time_s, **fields, devices=jax.device_count(),
-                   backend=jax.default_backend(), config=config)
+                   backend=jax.default_backend(), convolution=convolution,
+                   # oneDNN's kernel gradients take the whole batch (layers.conv_function).
+                   weight_grad_chunk=0 if convolution == 'onednn' else
+                   common.weight_grad_chunk(config), config=config)
     return write_results(workdir, results, active=active)
 
 
