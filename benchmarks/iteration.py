@@ -5,10 +5,11 @@ PyTorch iteration, on whatever backend is present.
     python benchmarks/iteration.py --repeats 3 --warmup 1 --json_out /tmp/iteration.json
     python benchmarks/iteration.py --quick                  # tiny models: a smoke test
     python benchmarks/iteration.py --compute_dtype bfloat16 --skip_torch
+    python benchmarks/iteration.py --config configs/digits.py --skip_torch   # the digits default's
 
 The JAX iteration is exactly the one training compiles: ``zero_shot.make_iteration_fn`` on the
 states of ``zero_shot.create_states``, built from ``configs/default.py`` (the paper's settings)
-with a randomly initialised teacher, so no teacher file is needed. It is compiled once and then
+(or ``--config``'s file) with a randomly initialised teacher, so no teacher file is needed. It is compiled once and then
 timed; the PyTorch baseline (``benchmarks/torch_baseline.py``) runs afterwards in a subprocess of
 its own on the same machine. See benchmarks/README.md for what each number means.
 """
@@ -47,6 +48,10 @@ QUICK = dict(teacher='WRN-10-1', student='WRN-10-1', base_width=4, generator_hid
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--config', default='',
+                        help='a config file to start from instead of configs/default.py (the '
+                             "paper's), e.g. configs/digits.py: its sizes, stabilisers and replay "
+                             'memory; JAX only (--skip_torch), the flags below still apply')
     parser.add_argument('--repeats', type=int, help='timed iterations (median reported; default 5)')
     parser.add_argument('--warmup', type=int, help='untimed iterations after compilation (default 2)')
     parser.add_argument('--batch_size', type=int, help='global batch (default: config, 128)')
@@ -91,13 +96,23 @@ def parse_args(argv):
     args.warmup = 2 if args.warmup is None else args.warmup
     if args.repeats < 1:
         parser.error(f'--repeats must be at least 1, got {args.repeats}')
+    if args.config and not args.skip_torch:
+        parser.error("--config: the PyTorch baselines are the paper's iteration only; add "
+                     '--skip_torch')
     return args
 
 
 def build_config(args):
-    """configs/default.py (the paper's settings) with the flags applied."""
-    from configs import default
-    config = default.get_config()
+    """configs/default.py (the paper's settings), or --config's file, with the flags applied."""
+    if args.config:
+        from zskt_jax import errors, launch
+        try:
+            config = launch.load_config_file(launch.find_config_file(args.config))
+        except errors.ConfigError as error:
+            raise SystemExit(f'--config: {error}') from None
+    else:
+        from configs import default
+        config = default.get_config()
     if args.teacher:  # any name of zskt_jax.models.registry, at its own width by default
         config.teacher.arch, config.teacher.base_width = args.teacher, 0
     if args.student:
@@ -212,7 +227,7 @@ def time_jax(config, repeats: int, warmup: int, log=print):
     compiled = iteration_fn.lower(state, teacher_variables, z_key).compile()
     compile_s = time.perf_counter() - start
     flops_compiled = xla_flops(compiled)
-    convolution = common.convolution(config)
+    convolution, chunk = common.cpu_levers(config)
     if unroll and convolution == 'xla':
         flops, flops_note = flops_compiled, 'XLA cost analysis of the compiled (unrolled) iteration'
     else:
@@ -251,7 +266,7 @@ def time_jax(config, repeats: int, warmup: int, log=print):
         'framework': 'jax', 'jax_version': jax.__version__, 'backend': jax.default_backend(),
         'devices': len(devices), 'device_kind': devices[0].device_kind,
         'compute_dtype': config.compute_dtype, 'update_loop': 'unroll' if unroll else 'scan',
-        'weight_grad_chunk': common.weight_grad_chunk(config), 'convolution': convolution,
+        'weight_grad_chunk': chunk, 'convolution': convolution,
         'setup_s': setup_s, 'compile_s': compile_s, 'repeats': repeats, 'warmup': warmup, 'times_s': times,
         'seconds_per_iteration': statistics.median(times), 'flops_per_iteration': flops,
         'flops_source': flops_note, 'flops_compiled_program': flops_compiled,

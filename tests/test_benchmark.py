@@ -197,3 +197,23 @@ def test_torch_same_work_iteration_does_what_jax_does():
     for name, p in iteration.generator.named_parameters():  # untouched by the student updates
         assert torch.equal(p.grad, after_generator_step[name]), name
     assert all(p.grad is not None for p in iteration.student.parameters())
+
+
+def test_iteration_benchmark_starts_from_another_config():
+    """benchmarks/iteration.py --config times another config's iteration (the digits default's,
+    stabilisers and replay memory included) with the flags applied on top; JAX only, since the
+    PyTorch baselines are the paper's iteration; a missing file is named."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import iteration
+    finally:
+        sys.path.remove(BENCHMARKS)
+    args = iteration.parse_args(['--config', 'configs/digits.py', '--skip_torch', '--n_s', '2'])
+    config = iteration.build_config(args)
+    assert (config.dataset, config.n_s, config.replay_batch) == ('digits16', 2, 128)
+    assert config.student_augment == 'crop' and config.bn_weight > 0
+    with pytest.raises(SystemExit):  # argparse's error: add --skip_torch
+        iteration.parse_args(['--config', 'configs/digits.py'])
+    with pytest.raises(SystemExit, match="--config: config file 'configs/nope.py' does not exist"):
+        iteration.build_config(iteration.parse_args(['--config', 'configs/nope.py',
+                                                     '--skip_torch']))

@@ -65,6 +65,14 @@ def convolution(config) -> str:
     return name
 
 
+def cpu_levers(config) -> Tuple[str, int]:
+    """(convolution, weight_grad_chunk) as they run on this machine: ``convolution(config)`` and
+    ``weight_grad_chunk(config)``, the slices 0 under oneDNN's convolutions (whose kernel
+    gradients take the whole batch; ``models.layers.conv_function``)."""
+    name = convolution(config)
+    return name, 0 if name == 'onednn' else weight_grad_chunk(config)
+
+
 @functools.lru_cache(maxsize=None)
 def _log_once(level: int, message: str) -> None:
     logger.log(level, message)

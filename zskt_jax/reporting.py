@@ -158,12 +158,10 @@ def finish_results(workdir: str, results: Dict, *, wall_time_s: float, config: D
     import jax
 
     from zskt_jax import common
-    convolution = common.convolution(config)
+    convolution, chunk = common.cpu_levers(config)
     results.update(wall_time_s=wall_time_s, **fields, devices=jax.device_count(),
                    backend=jax.default_backend(), convolution=convolution,
-                   # oneDNN's kernel gradients take the whole batch (layers.conv_function).
-                   weight_grad_chunk=0 if convolution == 'onednn' else
-                   common.weight_grad_chunk(config), config=config)
+                   weight_grad_chunk=chunk, config=config)
     return write_results(workdir, results, active=active)
 
 
