@@ -1,5 +1,6 @@
-"""Everything a lent GPU should measure, as one command that writes one JSON (under 8 minutes on
-one H200-class GPU; every part also runs, slowly, on CPU):
+"""Everything a lent GPU should measure, as one command that writes one JSON (about 15 minutes
+on one H200-class GPU; --parts and --budget_s fit it to less; every part also runs, slowly, on
+CPU):
 
     python benchmarks/gpu_check.py --out=gpu_check.json
     python benchmarks/gpu_check.py --quick --out=/tmp/gpu_check.json   # CPU smoke test (tests/)

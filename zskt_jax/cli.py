@@ -13,9 +13,9 @@ and --process_id (or ZSKT_COORDINATOR_ADDRESS, ZSKT_NUM_PROCESSES, ZSKT_PROCESS_
 import os
 import sys
 
-# TensorFlow (imported by TFDS, clu and etils' paths) only reads data and writes summaries here.
-# Its start-up lines, one of them about its own use of oneDNN (not this project's convolutions),
-# are noise in a run's output; set these variables to see them.
+# TensorFlow (imported by tf.data reading TFDS data and by clu's writer) only reads data and
+# writes summaries here. Its start-up lines, one of them about its own use of oneDNN (not this
+# project's convolutions), are noise in a run's output; set these variables to see them.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
