@@ -134,7 +134,7 @@ def test_chunked_weight_grad_conv_gives_the_plain_gradients(dtype):
                                        atol=tolerance)
 
 
-def test_weight_grad_chunk_is_a_cpu_lever(monkeypatch, caplog):
+def test_weight_grad_chunk_is_a_cpu_lever(monkeypatch):
     """config.weight_grad_chunk slices kernel gradients on CPU only: on a GPU or TPU (where the
     slices cost time) the networks get 0, the whole batch, and the run says so once."""
     import logging
@@ -147,8 +147,18 @@ def test_weight_grad_chunk_is_a_cpu_lever(monkeypatch, caplog):
     assert common.weight_grad_chunk(sliced) == 64 and common.weight_grad_chunk(plain) == 0
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     common._log_once.cache_clear()
-    with caplog.at_level(logging.INFO, logger='zskt_jax'):
+    # A handler on the project's logger itself: an earlier job in this worker may have stopped
+    # it propagating to the root logger, where pytest's caplog listens.
+    records, handler, logger = [], logging.Handler(), logging.getLogger('zskt_jax')
+    handler.emit = records.append
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         assert [common.weight_grad_chunk(c) for c in (sliced, sliced, plain)] == [0, 0, 0]
-    assert [r.getMessage() for r in caplog.records] == [
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in records] == [
         'config.weight_grad_chunk = 64 is a CPU lever; on gpu each kernel gradient takes the '
         'whole batch at once (faster there)']
