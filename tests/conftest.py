@@ -1,4 +1,6 @@
 """Shared fixtures: a prepared digits data dir, tiny configs and tiny teachers."""
+import contextlib
+import logging
 import os
 import tempfile
 
@@ -21,6 +23,24 @@ import pytest  # noqa: E402
 from zskt_jax import checkpoints, data  # noqa: E402
 
 from tiny_config import ROOT, tiny_zero_shot_config  # noqa: F401,E402 (re-exported)
+
+
+@contextlib.contextmanager
+def project_log(level=logging.INFO):
+    """The records the project's logger ('zskt_jax') emits at ``level`` or above in the block,
+    from a handler on that logger itself: pytest's caplog listens on the root logger, and a job
+    run in this process before (launch.main) stops the project's logger propagating there."""
+    records, handler, logger = [], logging.Handler(level), logging.getLogger('zskt_jax')
+    handler.emit = records.append
+    old_level = logger.level
+    if old_level == logging.NOTSET or old_level > level:
+        logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 @pytest.fixture(scope='session')

@@ -137,28 +137,17 @@ def test_chunked_weight_grad_conv_gives_the_plain_gradients(dtype):
 def test_weight_grad_chunk_is_a_cpu_lever(monkeypatch):
     """config.weight_grad_chunk slices kernel gradients on CPU only: on a GPU or TPU (where the
     slices cost time) the networks get 0, the whole batch, and the run says so once."""
-    import logging
-
     from ml_collections import ConfigDict
 
+    from conftest import project_log
     from zskt_jax import common
     sliced, plain = ConfigDict({'weight_grad_chunk': 64}), ConfigDict({'weight_grad_chunk': 0})
     monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
     assert common.weight_grad_chunk(sliced) == 64 and common.weight_grad_chunk(plain) == 0
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     common._log_once.cache_clear()
-    # A handler on the project's logger itself: an earlier job in this worker may have stopped
-    # it propagating to the root logger, where pytest's caplog listens.
-    records, handler, logger = [], logging.Handler(), logging.getLogger('zskt_jax')
-    handler.emit = records.append
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with project_log() as records:
         assert [common.weight_grad_chunk(c) for c in (sliced, sliced, plain)] == [0, 0, 0]
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert [r.getMessage() for r in records] == [
         'config.weight_grad_chunk = 64 is a CPU lever; on gpu each kernel gradient takes the '
         'whole batch at once (faster there)']

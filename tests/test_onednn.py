@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import project_log
+
 from zskt_jax import common, onednn
 from zskt_jax.models import Generator, registry
 
@@ -154,16 +156,16 @@ def test_an_unknown_convolution_is_a_config_error():
         common.convolution(ConfigDict({'convolution': 'mkl'}))
 
 
-def test_falls_back_to_xla_saying_why(monkeypatch, caplog):
+def test_falls_back_to_xla_saying_why(monkeypatch):
     """Where the library cannot be built or loaded (no compiler, no oneDNN, another backend),
     the run keeps XLA's convolutions and says why, once."""
     from ml_collections import ConfigDict
     monkeypatch.setattr(onednn, '_load', lambda: (None, 'no C++ compiler (set CXX, or install g++)'))
     common._log_once.cache_clear()
-    with caplog.at_level(logging.WARNING, logger='zskt_jax'):
+    with project_log(logging.WARNING) as records:
         assert common.convolution(ConfigDict({'convolution': 'onednn'})) == 'xla'
         assert common.convolution(ConfigDict({'convolution': 'onednn'})) == 'xla'
-    messages = [r.getMessage() for r in caplog.records]
+    messages = [r.getMessage() for r in records]
     assert messages == ["config.convolution = onednn: no C++ compiler (set CXX, or install g++); "
                         "using XLA's convolutions"]
     from zskt_jax.models.layers import conv_function

@@ -11,7 +11,7 @@ from zskt_jax.models import Generator, build_wide_resnet
 from zskt_jax.parallel import DATA_AXIS
 from zskt_jax.zero_shot import Models, create_states, make_iteration_fn
 
-from conftest import tiny_zero_shot_config
+from conftest import project_log, tiny_zero_shot_config
 
 
 def tiny(num_seeds=1, seed=0, dtype=jnp.float32, compute_dtype='float32'):
@@ -95,17 +95,10 @@ def test_several_seeds_job_reports_each_seed_and_mean_std(tmp_path, digits_data_
     import logging
     from zskt_jax import zero_shot
     config = dict(num_iterations=2, adam_eps=1e-3)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger('zskt_jax')
-    logger.addHandler(handler)
-    try:
+    with project_log(logging.WARNING) as records:
         results = zero_shot.train_and_evaluate(
             tiny_zero_shot_config(digits_data_dir, tiny_teacher, num_seeds=2, **config),
             str(tmp_path / 'two'))
-    finally:
-        logger.removeHandler(handler)
     per_seed = results['student_accuracy_per_seed']
     assert results['seeds'] == [0, 1] and len(per_seed) == 2
     assert results['student_accuracy'] == pytest.approx(np.mean(per_seed))
