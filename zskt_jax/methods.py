@@ -91,9 +91,9 @@ PRESETS: Dict[str, Preset] = {
                                            name='balance', value=TOOLBOX_BALANCE),
          **_NO_MEMORY}),
     'robust': Preset(
-        "this project's digits default: DFQ's terms plus a replay memory of past generated "
-        'images on the student side, shifted at random as CMI reads its pool (every digits '
-        'seed 0-4 converges with it)',
+        "the stabilisers of this project's digits default (which doubles bn_weight): DFQ's "
+        'terms plus a replay memory of past generated images on the student side, shifted at '
+        'random as CMI reads its pool',
         lambda c, b: dict(adversarial_loss='kl', **_terms(c, True, True, True),
                           replay_size=REPLAY_BATCHES * b, replay_batch=b, student_augment='crop'),
         {'adversarial_loss': 'as dfq', 'bn_weight': 'as dfq', 'one_hot_weight': 'as dfq',
