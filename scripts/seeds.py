@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from zskt_jax import cli  # noqa: F401  (defines --config, --workdir, --verbose exactly as run.py)
+from zskt_jax import cli  # defines --config, --workdir, --verbose exactly as run.py; runs main
 from zskt_jax import errors, launch, methods, validation
 
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run (config.seed of each run); seed i '
@@ -150,6 +150,4 @@ def summarise_seeds():
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config'])
-    sys.argv[1:] = launch.resolve_config_argv(sys.argv[1:])  # --config from any directory
-    launch.check_overrides_or_exit(sys.argv[1:])  # an unknown --config.FIELD fails early, named
-    app.run(main)
+    cli.run(main)  # --config from any directory, an unknown --config.FIELD named early

@@ -10,19 +10,12 @@ TPU VM JAX finds the other workers itself; elsewhere pass --coordinator_address,
 and --process_id (or ZSKT_COORDINATOR_ADDRESS, ZSKT_NUM_PROCESSES, ZSKT_PROCESS_ID), or
 --distributed=on where JAX detects the cluster (SLURM, Open MPI, Kubernetes). See docs/parallel.md.
 """
-import os
 import sys
 
-# TensorFlow (imported by tf.data reading TFDS data and by clu's writer) only reads data and
-# writes summaries here. Its start-up lines, one of them about its own use of oneDNN (not this
-# project's convolutions), are noise in a run's output; set these variables to see them.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from zskt_jax import launch  # noqa: E402
+from zskt_jax import launch
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file; override fields with '
                                 '--config.FIELD=VALUE.', lock_config=True)
@@ -51,9 +44,12 @@ def main(argv):
                 overridden=launch.overridden_fields(sys.argv[1:]))
 
 
-def run():
-    """The console entry point: --config found from any directory (``launch.find_config_file``),
-    an unknown --config.FIELD stopped before JAX starts, then ``main``."""
+def run(command=main):
+    """The console entry point (and scripts/seeds.py's, with its own ``command``): --config found
+    from any directory (``launch.find_config_file``), an unknown --config.FIELD stopped before
+    JAX starts, TensorFlow's start-up lines kept out of the output, then ``command``."""
     sys.argv[1:] = launch.resolve_config_argv(sys.argv[1:])
     launch.check_overrides_or_exit(sys.argv[1:])
-    app.run(main)
+    from zskt_jax import data  # TFDS's import: not on the path of the checks above
+    data.quiet_tensorflow()
+    app.run(command)

@@ -109,6 +109,14 @@ def dataset_info(name: str) -> DatasetSpec:
         ) from None
 
 
+def quiet_tensorflow() -> None:
+    """For the commands, before anything imports TensorFlow: it only reads data and writes
+    summaries here, and its start-up lines (one of them about its own use of oneDNN, not this
+    project's convolutions) are noise in their output. Variables already set win."""
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+
 def _hide_gpus_from_tensorflow() -> None:
     # TFDS reads through TensorFlow. A GPU build of TensorFlow would reserve most of the
     # accelerator memory that JAX needs; the input pipeline only ever needs the CPU.
