@@ -227,7 +227,7 @@ def time_jax(config, repeats: int, warmup: int, log=print):
     compiled = iteration_fn.lower(state, teacher_variables, z_key).compile()
     compile_s = time.perf_counter() - start
     flops_compiled = xla_flops(compiled)
-    convolution, chunk = common.cpu_levers(config)
+    convolution = common.convolution(config)
     if unroll and convolution == 'xla':
         flops, flops_note = flops_compiled, 'XLA cost analysis of the compiled (unrolled) iteration'
     else:
@@ -266,7 +266,7 @@ def time_jax(config, repeats: int, warmup: int, log=print):
         'framework': 'jax', 'jax_version': jax.__version__, 'backend': jax.default_backend(),
         'devices': len(devices), 'device_kind': devices[0].device_kind,
         'compute_dtype': config.compute_dtype, 'update_loop': 'unroll' if unroll else 'scan',
-        'weight_grad_chunk': chunk, 'convolution': convolution,
+        'weight_grad_chunk': common.weight_grad_chunk(config), 'convolution': convolution,
         'setup_s': setup_s, 'compile_s': compile_s, 'repeats': repeats, 'warmup': warmup, 'times_s': times,
         'seconds_per_iteration': statistics.median(times), 'flops_per_iteration': flops,
         'flops_source': flops_note, 'flops_compiled_program': flops_compiled,

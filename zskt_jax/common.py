@@ -32,12 +32,15 @@ def compute_dtype(config):
 def weight_grad_chunk(config) -> int:
     """config.weight_grad_chunk resolved for this machine: examples per slice of each conv kernel
     gradient (``models.layers.chunked_weight_grad_conv``); 0 = the whole batch at once (the
-    default). The slices are a CPU lever: on a GPU or TPU they only cost time, so there the
-    whole batch is used, saying so once."""
+    default). The slices are a lever for XLA's CPU convolutions: 0 under oneDNN's (whose kernel
+    gradients take the whole batch; ``models.layers.conv_function``), and on a GPU or TPU, where
+    they only cost time, saying so once."""
     chunk = config.get('weight_grad_chunk', 0)  # belief's configs have none: no weight gradients
     if chunk < 0:
         raise ConfigError(f'config.weight_grad_chunk = {chunk}; use 0 (off) or a positive '
                          'number of examples per slice (8 is fastest on XLA:CPU)')
+    if chunk and convolution(config) == 'onednn':
+        return 0
     backend = jax.default_backend()
     if chunk and backend != 'cpu':
         _log_once(logging.INFO, f'config.weight_grad_chunk = {chunk} is a CPU lever; on {backend} '
@@ -63,14 +66,6 @@ def convolution(config) -> str:
         if not ok:
             return 'xla'
     return name
-
-
-def cpu_levers(config) -> Tuple[str, int]:
-    """(convolution, weight_grad_chunk) as they run on this machine: ``convolution(config)`` and
-    ``weight_grad_chunk(config)``, the slices 0 under oneDNN's convolutions (whose kernel
-    gradients take the whole batch; ``models.layers.conv_function``)."""
-    name = convolution(config)
-    return name, 0 if name == 'onednn' else weight_grad_chunk(config)
 
 
 @functools.lru_cache(maxsize=None)

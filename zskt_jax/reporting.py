@@ -158,10 +158,9 @@ def finish_results(workdir: str, results: Dict, *, wall_time_s: float, config: D
     import jax
 
     from zskt_jax import common
-    convolution, chunk = common.cpu_levers(config)
     results.update(wall_time_s=wall_time_s, **fields, devices=jax.device_count(),
-                   backend=jax.default_backend(), convolution=convolution,
-                   weight_grad_chunk=chunk, config=config)
+                   backend=jax.default_backend(), convolution=common.convolution(config),
+                   weight_grad_chunk=common.weight_grad_chunk(config), config=config)
     return write_results(workdir, results, active=active)
 
 
